@@ -1,0 +1,110 @@
+"""The cluster result of one E-step: prototypes, concentrations and assignments per granularity."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pcl_scale.concentration import concentration
+from pcl_scale.kmeans import Backend, EmptyPolicy, Init, kmeans
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """One granularity of the E-step.
+
+    Attributes:
+        prototypes: (K, D) L2-normalised centroids c^m (constants for the epoch).
+        phi: (K,) concentration of each prototype (mean = temperature).
+        assignments: (N,) int64 prototype id of every dataset index (``im2cluster``).
+    """
+
+    prototypes: Tensor
+    phi: Tensor
+    assignments: Tensor
+
+    @property
+    def num_prototypes(self) -> int:
+        return int(self.prototypes.shape[0])
+
+    def to(self, device: torch.device | str) -> Clustering:
+        return Clustering(
+            self.prototypes.to(device), self.phi.to(device), self.assignments.to(device)
+        )
+
+
+@dataclass(frozen=True)
+class ClusterResult:
+    """All M granularities of one E-step, identical on every rank."""
+
+    clusterings: tuple[Clustering, ...]
+
+    def __len__(self) -> int:
+        return len(self.clusterings)
+
+    def to(self, device: torch.device | str) -> ClusterResult:
+        return ClusterResult(tuple(c.to(device) for c in self.clusterings))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat tensor dict (safetensors-friendly): ``{m}.prototypes``, ``{m}.phi``, ..."""
+        out: dict[str, Tensor] = {}
+        for m, c in enumerate(self.clusterings):
+            out[f"{m}.prototypes"] = c.prototypes.contiguous()
+            out[f"{m}.phi"] = c.phi.contiguous()
+            out[f"{m}.assignments"] = c.assignments.contiguous()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor]) -> ClusterResult:
+        m = len({key.split(".")[0] for key in state})
+        return cls(
+            tuple(
+                Clustering(state[f"{i}.prototypes"], state[f"{i}.phi"], state[f"{i}.assignments"])
+                for i in range(m)
+            )
+        )
+
+
+def cluster_features(
+    features: Tensor,
+    num_clusters: Sequence[int],
+    temperature: float,
+    *,
+    niter: int = 20,
+    nredo: int = 1,
+    spherical: bool = False,
+    seed: int = 0,
+    backend: Backend = "torch",
+    init: Init = "random",
+    empty: EmptyPolicy = "reseed",
+) -> ClusterResult:
+    """Run k-means at every granularity and estimate phi, as the reference E-step does.
+
+    Granularity m uses seed ``seed + m``. Prototypes are the L2-normalised centroids; phi uses
+    distances to the un-normalised ones.
+
+    Args:
+        features: (N, D) embeddings addressed by dataset index (row i = sample i).
+        num_clusters: K per granularity, e.g. (25000, 50000, 100000).
+        temperature: target mean of phi.
+    """
+    clusterings = []
+    for m, k in enumerate(num_clusters):
+        res = kmeans(
+            features,
+            k,
+            niter=niter,
+            nredo=nredo,
+            spherical=spherical,
+            seed=seed + m,
+            backend=backend,
+            init=init,
+            empty=empty,
+        )
+        phi = concentration(res.distances, res.assignments, k, temperature)
+        clusterings.append(Clustering(F.normalize(res.centroids, dim=1), phi, res.assignments))
+    return ClusterResult(tuple(clusterings))

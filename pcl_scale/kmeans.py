@@ -1,0 +1,373 @@
+"""k-means behind one signature, with a built-in torch backend and a faiss backend.
+
+Both backends run Lloyd's algorithm and return a :class:`KMeansResult` of the same form:
+
+* ``centroids`` (K, D): the final centroids as k-means leaves them: un-normalised for Euclidean
+  k-means (what the PCL reference feeds to the concentration estimate), unit-norm for spherical.
+* ``assignments`` (N,) int64: nearest final centroid of every point (one assignment pass after the
+  last update, as faiss' ``index.search`` does in the reference).
+* ``distances`` (N,) float32: **squared** L2 distance of each point to its assigned centroid.
+
+The torch backend never holds more than ``chunk_bytes`` of the N x K distance matrix: assignment
+runs over row chunks of ``x``. Empty clusters are handled in one of two documented ways:
+
+* ``"reseed"`` (default, as faiss does): an empty cluster takes a slightly perturbed copy of a
+  centroid of a large cluster (chosen with probability proportional to its size minus one), and the
+  donor gets the mirror perturbation, so both halves split the donor's points on the next pass.
+* ``"keep"`` (as DeepCluster-v2 does): an empty cluster keeps its previous centroid.
+
+Both rules read only K-sized statistics, so they give the same result on every rank of a sharded
+run where the per-cluster sums and counts are all-reduced.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Backend = Literal["auto", "torch", "faiss"]
+Init = Literal["random", "kmeans++"]
+EmptyPolicy = Literal["reseed", "keep"]
+Reduce = Callable[[Tensor], Tensor]
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+_SPLIT_EPS = 1.0 / 1024.0
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    """Output of :func:`kmeans`.
+
+    Attributes:
+        centroids: (K, D) float32 final centroids (unit-norm when spherical).
+        assignments: (N,) int64 index of the nearest centroid of each point.
+        distances: (N,) float32 squared L2 distance of each point to its centroid.
+        objective: sum of ``distances`` (the k-means inertia of the kept restart).
+    """
+
+    centroids: Tensor
+    assignments: Tensor
+    distances: Tensor
+    objective: float
+
+    @property
+    def num_clusters(self) -> int:
+        return int(self.centroids.shape[0])
+
+
+def faiss_available() -> bool:
+    """True when the ``faiss`` module (faiss-cpu or faiss-gpu) imports."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def kmeans(
+    x: Tensor,
+    k: int,
+    *,
+    niter: int = 20,
+    nredo: int = 1,
+    spherical: bool = False,
+    seed: int = 0,
+    backend: Backend = "torch",
+    init: Init = "random",
+    empty: EmptyPolicy = "reseed",
+    max_points_per_centroid: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> KMeansResult:
+    """Cluster the rows of ``x`` into ``k`` clusters with Lloyd's algorithm.
+
+    Objective: minimise sum_i ||x_i - c_{a(i)}||^2 over centroids c and assignments a. Spherical
+    k-means re-normalises the centroids to unit norm after every update (for unit-norm ``x`` this
+    maximises sum_i x_i . c_{a(i)}).
+
+    Args:
+        x: (N, D) points; any float dtype, computed in float32 on ``x.device``.
+        k: number of clusters, 1 <= k <= N.
+        niter: Lloyd iterations (assignment + update) per restart.
+        nredo: restarts with seeds ``seed, seed + 1, ...``; the lowest objective is kept.
+        spherical: unit-normalise centroids after each update.
+        seed: seed of the initialisation (and of the empty-cluster reseeding).
+        backend: ``"torch"`` (built-in), ``"faiss"`` (faiss-cpu, or every visible GPU with
+            faiss-gpu and CUDA), or ``"auto"`` (faiss when it imports, torch otherwise).
+        init: ``"random"`` (k distinct seeded rows, as faiss and the reference) or
+            ``"kmeans++"`` (D^2 sampling: better minima, but K sequential passes, so meant for
+            small K). Computed here for both backends, so they start from the same centroids.
+        empty: ``"reseed"`` or ``"keep"`` (torch backend; faiss always re-seeds).
+        max_points_per_centroid: train on a seeded sample of at most this many points per
+            centroid (``None``: all points); the final assignment always covers all points.
+        chunk_bytes: memory budget of one chunk of the N x K distance matrix (torch backend).
+
+    Returns:
+        A :class:`KMeansResult` on ``x.device``.
+    """
+    _check_args(x, k, niter, nredo, chunk_bytes)
+    if backend == "auto":
+        backend = "faiss" if faiss_available() else "torch"
+    if backend not in ("torch", "faiss"):
+        raise ValueError(f"unknown k-means backend {backend!r}: use 'torch', 'faiss' or 'auto'")
+    if backend == "faiss" and empty != "reseed":
+        raise ValueError(
+            f"the faiss backend always re-seeds empty clusters (got empty={empty!r}); "
+            f"use backend='torch' to keep them"
+        )
+
+    x = x.detach().float()
+    best: KMeansResult | None = None
+    for redo in range(nredo):
+        # Both backends start from the same seeded initialisation, computed here.
+        gen = torch.Generator(device="cpu").manual_seed(seed + redo)
+        train = _training_sample(x, k, max_points_per_centroid, gen)
+        centroids = _initial_centroids(train, k, init, spherical, gen)
+        if backend == "faiss":
+            result = _faiss_lloyd_and_assign(x, train, centroids, niter, spherical)
+        else:
+            centroids = lloyd(train, centroids, niter, spherical, empty, gen, chunk_bytes)
+            assignments, distances = assign(x, centroids, chunk_bytes)
+            result = KMeansResult(
+                centroids, assignments, distances, float(distances.double().sum())
+            )
+        if best is None or result.objective < best.objective:
+            best = result
+    assert best is not None
+    return best
+
+
+def _check_args(x: Tensor, k: int, niter: int, nredo: int, chunk_bytes: int) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"k-means expects a 2-D (N, D) tensor, got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(
+            f"cannot make k={k} clusters from N={n} points: k must be between 1 and N; "
+            f"lower the number of clusters or use more data"
+        )
+    if niter < 0 or nredo < 1:
+        raise ValueError(f"need niter >= 0 and nredo >= 1, got niter={niter}, nredo={nredo}")
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+
+
+def _training_sample(
+    x: Tensor, k: int, max_points_per_centroid: int | None, gen: torch.Generator
+) -> Tensor:
+    if max_points_per_centroid is None or x.shape[0] <= k * max_points_per_centroid:
+        return x
+    idx = torch.randperm(x.shape[0], generator=gen)[: k * max_points_per_centroid]
+    return x[idx.to(x.device)]
+
+
+def _initial_centroids(
+    x: Tensor, k: int, init: Init, spherical: bool, gen: torch.Generator
+) -> Tensor:
+    if init == "random":
+        idx = torch.randperm(x.shape[0], generator=gen)[:k]
+        centroids = x[idx.to(x.device)].clone()
+    elif init == "kmeans++":
+        centroids = kmeans_plusplus(x, k, gen)
+    else:
+        raise ValueError(f"unknown k-means init {init!r}: use 'random' or 'kmeans++'")
+    return F.normalize(centroids, dim=1) if spherical else centroids
+
+
+def kmeans_plusplus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
+    """k-means++ seeding (D^2 sampling): k sequential draws, O(N * K * D) in total.
+
+    Args:
+        x: (N, D) float32 points.
+        k: number of centroids to draw.
+        gen: CPU generator that makes the draws reproducible.
+
+    Returns:
+        (K, D) centroids, rows of ``x``.
+    """
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=gen))
+    chosen = torch.empty(k, dtype=torch.long)
+    chosen[0] = first
+    closest = (x - x[first]).pow(2).sum(1)  # (N,) squared distance to the nearest chosen point
+    for i in range(1, k):
+        weights = closest.clamp_min(0).double().cpu()
+        total = float(weights.sum())
+        if total <= 0.0:  # every point coincides with a chosen centroid: pick uniformly
+            weights = torch.ones(n, dtype=torch.float64)
+        idx = int(torch.multinomial(weights, 1, generator=gen))
+        chosen[i] = idx
+        closest = torch.minimum(closest, (x - x[idx]).pow(2).sum(1))
+    return x[chosen.to(x.device)].clone()
+
+
+def assign(
+    x: Tensor, centroids: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> tuple[Tensor, Tensor]:
+    """Nearest centroid of every row of ``x``, in row chunks of at most ``chunk_bytes``.
+
+    ||x - c||^2 = ||x||^2 + 2 * (||c||^2 / 2 - x . c); only the bracket is computed per chunk.
+
+    Args:
+        x: (N, D) float32 points.
+        centroids: (K, D) float32 centroids.
+        chunk_bytes: budget for one (rows, K) float32 block of the distance matrix.
+
+    Returns:
+        assignments (N,) int64 and squared distances (N,) float32.
+    """
+    n, k = x.shape[0], centroids.shape[0]
+    rows = max(1, min(n, chunk_bytes // (4 * k)))
+    half_sq_norms = 0.5 * centroids.pow(2).sum(1)  # (K,)
+    centroids_t = centroids.t()  # (D, K)
+    assignments = torch.empty(n, dtype=torch.long, device=x.device)
+    distances = torch.empty(n, dtype=torch.float32, device=x.device)
+    block = torch.empty(rows, k, dtype=torch.float32, device=x.device)
+    for start in range(0, n, rows):
+        xc = x[start : start + rows]  # (n_c, D)
+        out = block[: xc.shape[0]]
+        torch.addmm(half_sq_norms, xc, centroids_t, beta=1.0, alpha=-1.0, out=out)  # (n_c, K)
+        best, idx = out.min(dim=1)
+        assignments[start : start + rows] = idx
+        distances[start : start + rows] = (xc.pow(2).sum(1) + 2.0 * best).clamp_min_(0.0)
+    return assignments, distances
+
+
+def cluster_sums(x: Tensor, assignments: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per-cluster sums (K, D) and counts (K,) of the rows of ``x``, returned as float64."""
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+    sums.index_add_(0, assignments, x)
+    counts = torch.bincount(assignments, minlength=k)
+    return sums.double(), counts.double()
+
+
+def lloyd(
+    x: Tensor,
+    centroids: Tensor,
+    niter: int,
+    spherical: bool,
+    empty: EmptyPolicy,
+    gen: torch.Generator,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    reduce: Reduce | None = None,
+) -> Tensor:
+    """Run ``niter`` Lloyd iterations from ``centroids`` and return the final (K, D) centroids.
+
+    ``reduce`` sums a tensor over all shards of ``x`` (an all-reduce in a sharded run; identity
+    here). Everything after the reduction reads only K-sized statistics and ``gen``, so every
+    shard computes the same centroids.
+    """
+    k = centroids.shape[0]
+    for _ in range(niter):
+        assignments, _ = assign(x, centroids, chunk_bytes)
+        sums, counts = cluster_sums(x, assignments, k)
+        if reduce is not None:
+            sums, counts = reduce(sums), reduce(counts)
+        centroids = _update_centroids(centroids, sums, counts, spherical, empty, gen)
+    return centroids
+
+
+def _update_centroids(
+    old: Tensor,
+    sums: Tensor,
+    counts: Tensor,
+    spherical: bool,
+    empty: EmptyPolicy,
+    gen: torch.Generator,
+) -> Tensor:
+    nonempty = counts > 0
+    new = torch.where(nonempty[:, None], sums / counts.clamp_min(1.0)[:, None], old.double())
+    if empty == "reseed" and not bool(nonempty.all()):
+        new = _split_large_clusters(new, counts, gen)
+    elif empty not in ("reseed", "keep"):
+        raise ValueError(f"unknown empty-cluster policy {empty!r}: use 'reseed' or 'keep'")
+    new = new.float()
+    return F.normalize(new, dim=1) if spherical else new
+
+
+def _split_large_clusters(centroids: Tensor, counts: Tensor, gen: torch.Generator) -> Tensor:
+    """Give every empty cluster a perturbed copy of a donor centroid (faiss' rule, vectorised).
+
+    Donors are drawn without replacement with probability proportional to ``count - 1``; the
+    empty cluster gets ``c * (1 + eps * s)`` and the donor ``c * (1 - eps * s)`` with
+    ``s = (+1, -1, +1, ...)``. When fewer clusters can donate than are empty, the remaining empty
+    clusters keep their previous centroid.
+    """
+    empty_ids = torch.nonzero(counts == 0).squeeze(1)
+    weights = (counts - 1).clamp_min(0).cpu()
+    n_donors = min(int(empty_ids.numel()), int((weights > 0).sum()))
+    if n_donors == 0:
+        return centroids
+    donors = torch.multinomial(weights, n_donors, replacement=False, generator=gen)
+    donors = donors.to(centroids.device)
+    empty_ids = empty_ids[:n_donors]
+    d = centroids.shape[1]
+    signs = torch.ones(d, dtype=centroids.dtype, device=centroids.device)
+    signs[1::2] = -1.0
+    donor_centroids = centroids[donors]  # (E, D)
+    out = centroids.clone()
+    out[empty_ids] = donor_centroids * (1.0 + _SPLIT_EPS * signs)
+    out[donors] = donor_centroids * (1.0 - _SPLIT_EPS * signs)
+    return out
+
+
+def _import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as err:
+        raise ImportError(
+            "k-means backend 'faiss' needs the faiss module: pip install 'pcl-scale[faiss]' "
+            "(CPU) or 'pcl-scale[gpu]' (CUDA), or use backend='torch'"
+        ) from err
+    return faiss
+
+
+def _faiss_lloyd_and_assign(
+    x: Tensor, train: Tensor, init_centroids: Tensor, niter: int, spherical: bool
+) -> KMeansResult:
+    """Lloyd iterations and the final assignment with faiss (all visible GPUs when it can)."""
+    faiss = _import_faiss()
+    xs = np.ascontiguousarray(x.cpu().numpy())
+    ts = xs if train is x else np.ascontiguousarray(train.cpu().numpy())
+    k, d = init_centroids.shape
+    params = faiss.ClusteringParameters()
+    params.niter = niter
+    params.nredo = 1
+    params.spherical = spherical
+    params.verbose = False
+    params.min_points_per_centroid = 1
+    params.max_points_per_centroid = max(1, math.ceil(ts.shape[0] / k))  # no faiss subsampling
+    clus = faiss.Clustering(d, k, params)
+    init = np.ascontiguousarray(init_centroids.cpu().numpy().reshape(-1))
+    faiss.copy_array_to_vector(init, clus.centroids)
+    use_gpu = _faiss_use_gpu(faiss)
+    train_index = faiss.IndexFlatIP(d) if spherical else faiss.IndexFlatL2(d)
+    if use_gpu:
+        train_index = faiss.index_cpu_to_all_gpus(train_index)
+    if niter > 0:
+        clus.train(ts, train_index)
+    centroids = faiss.vector_to_array(clus.centroids).reshape(k, d).astype(np.float32)
+
+    search_index = faiss.IndexFlatL2(d)
+    if use_gpu:
+        search_index = faiss.index_cpu_to_all_gpus(search_index)
+    search_index.add(centroids)
+    dist, idx = search_index.search(xs, 1)
+    distances = torch.from_numpy(np.ascontiguousarray(dist[:, 0])).clamp_min(0.0).to(x.device)
+    return KMeansResult(
+        centroids=torch.from_numpy(centroids).to(x.device),
+        assignments=torch.from_numpy(idx[:, 0].astype(np.int64)).to(x.device),
+        distances=distances,
+        objective=float(distances.double().sum()),
+    )
+
+
+def _faiss_use_gpu(faiss_module: object) -> bool:
+    get_num_gpus = getattr(faiss_module, "get_num_gpus", None)
+    return bool(get_num_gpus is not None and get_num_gpus() > 0 and torch.cuda.is_available())

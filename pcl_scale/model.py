@@ -1,0 +1,183 @@
+"""Backbones, projection heads and the two-encoder PCL model.
+
+``PCLModel`` holds the online encoder (query, trained by SGD), the momentum encoder (key, an EMA of
+the online one, no gradient) and the key queue. It never calls collectives and never picks a
+device: the training loop gathers keys across ranks before :meth:`PCLModel.enqueue`, and moves the
+model where it wants it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+RESNETS = ("resnet18", "resnet34", "resnet50")
+VITS = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+}
+HeadKind = Literal["linear", "mlp"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What to build. ``small_stem`` applies to ResNets; ``img_size``/``patch_size`` to ViTs."""
+
+    name: str = "resnet50"
+    small_stem: bool = False
+    img_size: int = 224
+    patch_size: int = 16
+
+
+def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, int]:
+    """A backbone that maps (B, 3, H, W) images to (B, F) pooled features.
+
+    ResNets are torchvision models with ``fc`` replaced by Identity (optionally with the
+    small-image stem: 3x3 stride-1 ``conv1`` and no max-pool); ViTs are timm models built with
+    ``num_classes=0``. Parameter names stay those of torchvision/timm, so an exported state dict
+    loads into the plain library model.
+
+    Returns:
+        The module and its feature size F.
+    """
+    if spec.name in RESNETS:
+        import torchvision
+
+        net = getattr(torchvision.models, spec.name)(weights=None)
+        if spec.small_stem:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        num_features = int(net.fc.in_features)
+        net.fc = nn.Identity()
+        return net, num_features
+    if spec.name in VITS:
+        import timm
+
+        net = timm.create_model(
+            VITS[spec.name],
+            pretrained=False,
+            num_classes=0,
+            img_size=spec.img_size,
+            patch_size=spec.patch_size,
+        )
+        vit_features = net.num_features
+        assert isinstance(vit_features, int)
+        return net, vit_features
+    known = ", ".join((*RESNETS, *VITS))
+    raise ValueError(f"unknown backbone {spec.name!r}: choose one of {known}")
+
+
+def build_head(
+    kind: HeadKind, in_dim: int, out_dim: int, hidden_dim: int | None = None
+) -> nn.Module:
+    """Projection head: ``linear`` (PCL v1) or ``mlp`` = Linear-ReLU-Linear, no BN (PCL v2)."""
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind == "mlp":
+        hidden = hidden_dim or in_dim
+        return nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+        )
+    raise ValueError(f"unknown projection head {kind!r}: use 'linear' (PCL v1) or 'mlp' (PCL v2)")
+
+
+class Encoder(nn.Module):
+    """Backbone followed by the projection head; outputs un-normalised (B, dim) embeddings."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))  # (B, dim)
+
+
+@torch.no_grad()
+def ema_update(online: nn.Module, target: nn.Module, m: float) -> None:
+    """theta_target <- m * theta_target + (1 - m) * theta_online over parameters only.
+
+    Buffers (BatchNorm running statistics) are not averaged, as in MoCo/PCL.
+    """
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {m}")
+    t_params = [p.data for p in target.parameters()]
+    o_params = [p.data for p in online.parameters()]
+    if len(t_params) != len(o_params):
+        raise ValueError("online and momentum encoders have different parameter lists")
+    torch._foreach_mul_(t_params, m)
+    torch._foreach_add_(t_params, o_params, alpha=1.0 - m)
+
+
+class PCLModel(nn.Module):
+    """Online encoder, momentum encoder and key queue of PCL (MoCo-style).
+
+    Args:
+        backbone: which backbone to build.
+        dim: embedding size (128 in PCL).
+        head: ``linear`` (v1) or ``mlp`` (v2).
+        queue_size: r, the number of queued keys.
+        mlp_hidden_dim: hidden width of the MLP head (default: the backbone's feature size).
+    """
+
+    queue: Tensor
+    queue_ptr: Tensor
+
+    def __init__(
+        self,
+        backbone: BackboneSpec,
+        dim: int = 128,
+        head: HeadKind = "linear",
+        queue_size: int = 16384,
+        mlp_hidden_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        net, num_features = build_backbone(backbone)
+        self.encoder_q = Encoder(net, build_head(head, num_features, dim, mlp_hidden_dim))
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad_(False)
+        self.dim = dim
+        self.num_features = num_features
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))  # (r, D)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def forward(self, im_q: Tensor, im_k: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Normalised query embeddings (B, dim), and key embeddings (B, dim) when ``im_k`` is given.
+
+        The key encoder runs without gradient; call :meth:`momentum_update` before this, as the
+        reference does at the start of each training forward.
+        """
+        q = F.normalize(self.encoder_q(im_q), dim=1)  # (B, D)
+        k = None
+        if im_k is not None:
+            with torch.no_grad():
+                k = F.normalize(self.encoder_k(im_k), dim=1)  # (B, D)
+        return q, k
+
+    @torch.no_grad()
+    def embed(self, x: Tensor) -> Tensor:
+        """E-step features: normalised momentum-encoder embeddings (B, dim)."""
+        return F.normalize(self.encoder_k(x), dim=1)
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """EMA of the online encoder into the momentum encoder (parameters only)."""
+        ema_update(self.encoder_q, self.encoder_k, m)
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Write ``keys`` (n, dim), gathered over all ranks, at the pointer, wrapping around."""
+        r = self.queue.shape[0]
+        n = keys.shape[0]
+        if n > r:
+            raise ValueError(f"cannot enqueue {n} keys into a queue of size r={r}: raise r")
+        slots = (self.queue_ptr + torch.arange(n, device=self.queue.device)) % r  # (n,)
+        self.queue[slots] = keys.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + n) % r)

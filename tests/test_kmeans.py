@@ -1,0 +1,160 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import normalized_mutual_info_score as nmi
+
+from pcl_scale.kmeans import _update_centroids, assign, kmeans
+
+faiss = pytest.importorskip("faiss")
+
+
+def blobs(n=3000, k=12, d=16, spread=0.02, seed=0):
+    """Well-separated clusters of unit vectors: (points, labels)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = F.normalize(torch.randn(k, d, generator=g), dim=1)
+    labels = torch.arange(n) % k
+    x = centers[labels] + spread * torch.randn(n, d, generator=g)
+    return F.normalize(x, dim=1), labels
+
+
+def matched_centroid_error(a, b):
+    cost = torch.cdist(a, b).numpy()
+    rows, cols = linear_sum_assignment(cost)
+    return float(cost[rows, cols].max())
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("spherical", [False, True])
+def test_recovers_blobs(backend, spherical):
+    x, labels = blobs()
+    res = kmeans(x, 12, niter=20, spherical=spherical, seed=0, backend=backend, init="kmeans++")
+    assert res.centroids.shape == (12, 16)
+    assert res.assignments.shape == (3000,) and res.assignments.dtype == torch.long
+    assert res.distances.shape == (3000,) and res.distances.dtype == torch.float32
+    assert nmi(labels.numpy(), res.assignments.numpy()) >= 0.99
+    if spherical:
+        torch.testing.assert_close(res.centroids.norm(dim=1), torch.ones(12))
+
+
+@pytest.mark.parametrize("init", ["random", "kmeans++"])
+@pytest.mark.parametrize("spherical", [False, True])
+def test_backends_agree(init, spherical):
+    """Same seeded initialisation, so both backends run the same Lloyd iterations."""
+    x, _ = blobs(seed=1, spread=0.3)
+    a = kmeans(x, 12, niter=20, nredo=2, seed=0, backend="torch", init=init, spherical=spherical)
+    b = kmeans(x, 12, niter=20, nredo=2, seed=0, backend="faiss", init=init, spherical=spherical)
+    assert nmi(a.assignments.numpy(), b.assignments.numpy()) >= 0.999
+    assert matched_centroid_error(a.centroids, b.centroids) < 1e-4
+    assert a.objective == pytest.approx(b.objective, rel=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_random_init_picks_distinct_seeded_rows(backend):
+    """niter=0 returns the initialisation: k distinct rows of x chosen by the seed."""
+    x, _ = blobs(n=300, k=5, d=4, seed=7, spread=0.5)
+    a = kmeans(x, 5, niter=0, seed=3, backend=backend)
+    b = kmeans(x, 5, niter=0, seed=4, backend=backend)
+    is_row = (a.centroids[:, None, :] == x[None, :, :]).all(dim=2)  # (K, N)
+    assert bool(is_row.any(dim=1).all())
+    assert a.centroids.unique(dim=0).shape[0] == 5
+    assert not torch.equal(a.centroids, b.centroids)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_result_is_self_consistent(backend):
+    """Assignments are the nearest final centroid and distances are squared L2 to it."""
+    x, _ = blobs(n=500, k=7, seed=2, spread=0.3)
+    res = kmeans(x, 7, niter=5, seed=3, backend=backend)
+    d2 = torch.cdist(x.double(), res.centroids.double()) ** 2  # (N, K) slow reference
+    torch.testing.assert_close(res.assignments, d2.argmin(dim=1))
+    torch.testing.assert_close(res.distances.double(), d2.min(dim=1).values, atol=1e-5, rtol=1e-4)
+    assert res.objective == pytest.approx(float(res.distances.double().sum()), rel=1e-6)
+
+
+def test_chunked_equals_unchunked():
+    x, _ = blobs(n=1000, k=30, d=8, spread=0.5, seed=3)
+    whole = kmeans(x, 30, niter=10, seed=5, chunk_bytes=1 << 30)
+    tiny = kmeans(x, 30, niter=10, seed=5, chunk_bytes=4 * 30 * 7)  # 7 rows per chunk
+    torch.testing.assert_close(whole.centroids, tiny.centroids)
+    assert torch.equal(whole.assignments, tiny.assignments)
+    torch.testing.assert_close(whole.distances, tiny.distances)
+
+
+def test_assign_chunk_never_exceeds_budget(monkeypatch):
+    x = torch.randn(1000, 4)
+    c = torch.randn(50, 4)
+    sizes = []
+    real_addmm = torch.addmm
+
+    def spy(*args, **kwargs):
+        out = real_addmm(*args, **kwargs)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "addmm", spy)
+    assign(x, c, chunk_bytes=4 * 50 * 64)
+    assert max(sizes) <= 50 * 64 and len(sizes) == 16
+
+
+def test_seeded_and_restarts_keep_the_best():
+    x, _ = blobs(n=800, k=20, d=8, spread=0.6, seed=4)
+    a = kmeans(x, 20, niter=10, seed=11)
+    b = kmeans(x, 20, niter=10, seed=11)
+    assert torch.equal(a.assignments, b.assignments)
+    singles = [kmeans(x, 20, niter=10, seed=11 + i).objective for i in range(4)]
+    best = kmeans(x, 20, niter=10, nredo=4, seed=11)
+    assert best.objective == pytest.approx(min(singles))
+
+
+def test_kmeans_plusplus_recovers_blobs():
+    x, labels = blobs(seed=5)
+    res = kmeans(x, 12, niter=10, seed=0, init="kmeans++")
+    assert nmi(labels.numpy(), res.assignments.numpy()) >= 0.99
+
+
+def test_max_points_per_centroid_subsamples_training_only():
+    x, labels = blobs(n=3000, seed=6)
+    res = kmeans(x, 12, niter=20, seed=0, init="kmeans++", max_points_per_centroid=40)
+    assert res.assignments.shape == (3000,)
+    assert nmi(labels.numpy(), res.assignments.numpy()) >= 0.99
+
+
+def test_empty_cluster_policies():
+    old = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    sums = torch.tensor([[2.0, 0.2], [0.0, 10.0], [0.0, 0.0]], dtype=torch.float64)
+    counts = torch.tensor([2.0, 10.0, 0.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    kept = _update_centroids(old, sums, counts, False, "keep", g)
+    torch.testing.assert_close(kept, torch.tensor([[1.0, 0.1], [0.0, 1.0], [5.0, 5.0]]))
+    split = _update_centroids(old, sums, counts, False, "reseed", g)
+    # the empty cluster and a donor become mirror perturbations of the donor's mean
+    donor = 0 if not torch.allclose(split[0], torch.tensor([1.0, 0.1])) else 1
+    mean = torch.tensor([[1.0, 0.1], [0.0, 1.0]])[donor]
+    torch.testing.assert_close((split[2] + split[donor]) / 2, mean)
+    assert not torch.equal(split[2], split[donor])
+    assert torch.dist(split[2], mean) < 1e-2
+
+
+def test_reseed_leaves_no_empty_cluster_on_duplicates():
+    # half the points coincide, so random init picks duplicate centroids and some start empty
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.zeros(500, 4), torch.randn(500, 4, generator=g)])
+    res = kmeans(x, 40, niter=15, seed=0, empty="reseed")
+    counts = torch.bincount(res.assignments, minlength=40)
+    kept = kmeans(x, 40, niter=15, seed=0, empty="keep")
+    assert int((counts == 0).sum()) < int(
+        (torch.bincount(kept.assignments, minlength=40) == 0).sum()
+    )
+    assert res.objective <= kept.objective
+
+
+@pytest.mark.parametrize(("k", "message"), [(0, "k=0"), (11, "k=11 clusters from N=10")])
+def test_bad_k(k, message):
+    with pytest.raises(ValueError, match=message):
+        kmeans(torch.randn(10, 3), k)
+
+
+def test_faiss_rejects_torch_only_options():
+    with pytest.raises(ValueError, match="empty='keep'"):
+        kmeans(torch.randn(10, 3), 2, backend="faiss", empty="keep")

@@ -1,0 +1,143 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pcl_scale.clusters import Clustering, ClusterResult, cluster_features
+from pcl_scale.loss import infonce_logits, pcl_loss, protonce_logits
+from pcl_scale.model import BackboneSpec, PCLModel
+
+
+def unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_infonce_logits_against_loop():
+    q, k, queue = unit(4, 8, seed=0), unit(4, 8, seed=1), unit(6, 8, seed=2)
+    logits = infonce_logits(q, k, queue, 0.2)
+    assert logits.shape == (4, 7)
+    for i in range(4):
+        assert logits[i, 0].item() == pytest.approx(float(q[i] @ k[i]) / 0.2, rel=1e-5, abs=1e-6)
+        for j in range(6):
+            assert logits[i, 1 + j].item() == pytest.approx(
+                float(q[i] @ queue[j]) / 0.2, rel=1e-5, abs=1e-6
+            )
+
+
+def test_protonce_logits_against_loop():
+    q, protos = unit(3, 8, seed=0), unit(10, 8, seed=1)
+    phi = torch.rand(10, generator=torch.Generator().manual_seed(3)) + 0.05
+    pos, neg = torch.tensor([4, 4, 9]), torch.tensor([0, 2, 7])
+    logits = protonce_logits(q, protos, phi, pos, neg)
+    assert logits.shape == (3, 6)
+    cols = [4, 4, 9, 0, 2, 7]
+    for i in range(3):
+        for j, c in enumerate(cols):
+            expected = float(q[i] @ protos[c]) / float(phi[c])
+            assert logits[i, j].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_protonce_with_instance_prototypes_and_phi_tau_is_infonce():
+    """Prototypes = [k_i, queue], phi = T: for each sample ProtoNCE equals InfoNCE."""
+    tau, r = 0.2, 16
+    q, k, queue = unit(5, 8, seed=0), unit(5, 8, seed=1), unit(r, 8, seed=2)
+    for i in range(5):
+        protos = torch.cat([k[i : i + 1], queue])  # id 0 = the key, ids 1..r = the queue
+        clusters = ClusterResult(
+            (Clustering(protos, torch.full((r + 1,), tau), torch.zeros(1, dtype=torch.long)),)
+        )
+        g = torch.Generator().manual_seed(i)
+        out = pcl_loss(
+            q[i : i + 1], k[i : i + 1], queue, torch.zeros(1, dtype=torch.long), tau, clusters, r, g
+        )
+        assert out.loss_proto is not None
+        torch.testing.assert_close(out.loss_proto, out.loss_inst)
+
+
+def test_total_loss_is_inst_plus_mean_proto():
+    tau = 0.2
+    n, b = 50, 6
+    feats = unit(n, 8, seed=0)
+    clusters = cluster_features(feats, (10, 20), tau, niter=5)
+    q, k, queue = unit(b, 8, seed=1), unit(b, 8, seed=2), unit(12, 8, seed=3)
+    index = torch.tensor([0, 5, 7, 11, 30, 49])
+    out = pcl_loss(q, k, queue, index, tau, clusters, 3, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    protos = []
+    for c in clusters.clusterings:  # slow reference with the same draws
+        pos = c.assignments[index]
+        from pcl_scale.negatives import sample_negative_prototypes
+
+        neg = sample_negative_prototypes(pos, c.num_prototypes, 3, g)
+        total = 0.0
+        for i in range(b):
+            cols = torch.cat([pos, neg])
+            logits = torch.stack([q[i] @ c.prototypes[j] / c.phi[j] for j in cols])
+            total += -float(torch.log_softmax(logits, 0)[i])
+        protos.append(total / b)
+    inst = (
+        sum(
+            -float(torch.log_softmax(torch.cat([(q[i] @ k[i])[None], queue @ q[i]]) / tau, 0)[0])
+            for i in range(b)
+        )
+        / b
+    )
+    assert out.loss_inst.item() == pytest.approx(inst, rel=1e-5, abs=1e-6)
+    assert out.loss_proto is not None and out.acc_proto is not None
+    assert out.loss_proto.item() == pytest.approx(sum(protos) / 2, rel=1e-5, abs=1e-6)
+    assert out.loss.item() == pytest.approx(inst + sum(protos) / 2, rel=1e-5, abs=1e-6)
+
+
+def test_warmup_is_infonce_only():
+    q, k, queue = unit(4, 8, seed=0), unit(4, 8, seed=1), unit(6, 8, seed=2)
+    out = pcl_loss(q, k, queue, torch.arange(4), 0.2, None, 2, torch.Generator())
+    assert out.loss_proto is None and out.acc_proto is None
+    torch.testing.assert_close(out.loss, out.loss_inst)
+
+
+def test_invariant_to_prototype_permutation():
+    tau, k_protos, b = 0.2, 30, 8
+    protos = unit(k_protos, 8, seed=0)
+    phi = torch.rand(k_protos, generator=torch.Generator().manual_seed(1)) * 0.3 + 0.05
+    assignments = torch.randint(k_protos, (40,), generator=torch.Generator().manual_seed(2))
+    perm = torch.randperm(k_protos, generator=torch.Generator().manual_seed(3))  # new id of old
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(k_protos)
+    permuted = Clustering(protos[inv], phi[inv], perm[assignments])
+    q, k, queue = unit(b, 8, seed=4), unit(b, 8, seed=5), unit(10, 8, seed=6)
+    index = torch.arange(b) * 3
+    r = k_protos - int(assignments[index].unique().numel())  # all eligible: same negative set
+    a = pcl_loss(
+        q,
+        k,
+        queue,
+        index,
+        tau,
+        ClusterResult((Clustering(protos, phi, assignments),)),
+        r,
+        torch.Generator().manual_seed(0),
+    )
+    c = pcl_loss(
+        q, k, queue, index, tau, ClusterResult((permuted,)), r, torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(a.loss, c.loss)
+
+
+def test_gradients_reach_only_the_online_encoder():
+    model = PCLModel(BackboneSpec("resnet18", small_stem=True), dim=16, queue_size=32)
+    x = torch.randn(4, 3, 16, 16)
+    q, k = model(x, x.flip(3))
+    assert k is not None and not k.requires_grad
+    feats = unit(20, 16, seed=0)
+    clusters = cluster_features(feats, (6,), 0.2, niter=3)
+    out = pcl_loss(
+        q, k, model.queue, torch.arange(4), 0.2, clusters, 2, torch.Generator().manual_seed(0)
+    )
+    out.loss.backward()
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    grads = [p.grad for p in model.encoder_q.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    assert not model.queue.requires_grad
+    assert math.isfinite(out.loss.item())
