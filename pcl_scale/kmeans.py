@@ -37,7 +37,10 @@ Init = Literal["random", "kmeans++"]
 EmptyPolicy = Literal["reseed", "keep"]
 Reduce = Callable[[Tensor], Tensor]
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+# Budget for one block of the N x K distance matrix: blocks of tens of MiB keep a CPU busy
+# (measured: 64 MiB within 5% of the best at K = 1,000 and 10,000); a GPU wants larger ones.
+CPU_CHUNK_BYTES = 64 * 2**20
+GPU_CHUNK_BYTES = 1024 * 2**20
 _SPLIT_EPS = 1.0 / 1024.0
 
 
@@ -83,7 +86,7 @@ def kmeans(
     init: Init = "random",
     empty: EmptyPolicy = "reseed",
     max_points_per_centroid: int | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` into ``k`` clusters with Lloyd's algorithm.
 
@@ -106,11 +109,14 @@ def kmeans(
         empty: ``"reseed"`` or ``"keep"`` (torch backend; faiss always re-seeds).
         max_points_per_centroid: train on a seeded sample of at most this many points per
             centroid (``None``: all points); the final assignment always covers all points.
-        chunk_bytes: memory budget of one chunk of the N x K distance matrix (torch backend).
+        chunk_bytes: memory budget of one chunk of the N x K distance matrix (torch backend);
+            ``None``: 64 MiB on CPU, 1 GiB on GPU.
 
     Returns:
         A :class:`KMeansResult` on ``x.device``.
     """
+    if chunk_bytes is None:
+        chunk_bytes = default_chunk_bytes(x.device)
     _check_args(x, k, niter, nredo, chunk_bytes)
     if backend == "auto":
         backend = "faiss" if faiss_available() else "torch"
@@ -141,6 +147,11 @@ def kmeans(
             best = result
     assert best is not None
     return best
+
+
+def default_chunk_bytes(device: torch.device) -> int:
+    """Distance-block budget for ``device``: small on CPU (cache), large on GPU (fewer launches)."""
+    return GPU_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
 
 
 def _check_args(x: Tensor, k: int, niter: int, nredo: int, chunk_bytes: int) -> None:
@@ -208,7 +219,7 @@ def kmeans_plusplus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
 
 
 def assign(
-    x: Tensor, centroids: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    x: Tensor, centroids: Tensor, chunk_bytes: int = CPU_CHUNK_BYTES
 ) -> tuple[Tensor, Tensor]:
     """Nearest centroid of every row of ``x``, in row chunks of at most ``chunk_bytes``.
 
@@ -254,7 +265,7 @@ def lloyd(
     spherical: bool,
     empty: EmptyPolicy,
     gen: torch.Generator,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = CPU_CHUNK_BYTES,
     reduce: Reduce | None = None,
 ) -> Tensor:
     """Run ``niter`` Lloyd iterations from ``centroids`` and return the final (K, D) centroids.
