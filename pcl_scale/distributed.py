@@ -1,0 +1,68 @@
+"""The one module that calls ``torch.distributed``: thin collectives that are no-ops on one process.
+
+Tensors may live anywhere: they travel through the device the backend needs (CUDA for NCCL, CPU
+for gloo) and come back on the caller's device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class Comm:
+    """Collectives over the default process group; every method works on a single process too."""
+
+    def __init__(self) -> None:
+        self.enabled = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.enabled else 0
+        self.world_size = dist.get_world_size() if self.enabled else 1
+        nccl = self.enabled and dist.get_backend() == "nccl"
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_gather_cat(self, t: Tensor) -> Tensor:
+        """Concatenate equally shaped tensors of all ranks along dim 0 (rank order)."""
+        if not self.enabled:
+            return t
+        src = t.to(self.device).contiguous()
+        out = [torch.empty_like(src) for _ in range(self.world_size)]
+        dist.all_gather(out, src)
+        return torch.cat(out).to(t.device)
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """Sum over ranks, in place; returns ``t``."""
+        if self.enabled:
+            buf = t.to(self.device)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            if buf is not t:
+                t.copy_(buf)
+        return t
+
+    def broadcast(self, t: Tensor, src: int = 0) -> Tensor:
+        """Overwrite ``t`` on every rank with ``src``'s ``t``, in place; returns ``t``."""
+        if self.enabled:
+            buf = t.to(self.device).contiguous()
+            dist.broadcast(buf, src=src)
+            if buf is not t:
+                t.copy_(buf)
+        return t
+
+    def gather_to_main(self, t: Tensor) -> list[Tensor] | None:
+        """Equally shaped tensors of all ranks on rank 0, on ``t``'s device (None elsewhere)."""
+        if not self.enabled:
+            return [t]
+        src = t.to(self.device).contiguous()
+        buckets = [torch.empty_like(src) for _ in range(self.world_size)] if self.is_main else None
+        dist.gather(src, gather_list=buckets, dst=0)
+        return [b.to(t.device) for b in buckets] if buckets is not None else None

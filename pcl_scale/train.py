@@ -1,0 +1,529 @@
+"""The PCL training loop on Accelerate.
+
+Read top to bottom: :func:`train` sets up (accelerator, data, model, optimizer, resume), then runs
+epochs; each epoch after the warm-up starts with the E-step (:mod:`pcl_scale.estep`), then
+:func:`train_one_epoch` runs the M-step iterations (InfoNCE + ProtoNCE). Checkpoints, the
+published export and the final evaluation follow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from pcl_scale.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
+from pcl_scale.clusters import ClusterResult
+from pcl_scale.config import Config, ConfigError, save_config, validate
+from pcl_scale.data import (
+    IndexedImages,
+    eval_transform,
+    labels_of,
+    load_split,
+    seed_worker,
+    train_transform,
+)
+from pcl_scale.distributed import Comm
+from pcl_scale.errors import UserError
+from pcl_scale.estep import ExtractOptions, extract_shard, gather_by_index, run_estep
+from pcl_scale.export import export_backbone, push_to_hub
+from pcl_scale.loss import LossOutput, pcl_loss
+from pcl_scale.metrics import kmeans_scores, knn_accuracy
+from pcl_scale.model import BackboneSpec, PCLModel
+from pcl_scale.runtime import make_accelerator, shutdown
+from pcl_scale.schedules import learning_rate
+
+METRICS_FILE = "metrics.jsonl"
+# The raw-pixel baseline is computed only when all eval images fit in this many float values.
+RAW_BASELINE_MAX_VALUES = 400_000_000
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns (and ``pcl-scale train`` prints)."""
+
+    run_dir: Path
+    epochs_run: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    clusters: ClusterResult | None = None
+    evaluation: dict[str, dict[str, float]] | None = None
+    export_dir: Path | None = None
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, purpose, epoch, step, rank): stable across runs."""
+    return int(
+        np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class JsonlLogger:
+    """Metrics to ``metrics.jsonl`` in the run directory (main process) and to trackers."""
+
+    def __init__(self, path: Path, accelerator: Any, enabled: bool) -> None:
+        self.path, self.accelerator, self.enabled = path, accelerator, enabled
+        self.records: list[dict[str, Any]] = []
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        self.records.append(record)
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        numeric = {k: v for k, v in record.items() if isinstance(v, int | float)}
+        self.accelerator.log(numeric, step=step)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config) -> RunResult:
+    """Train PCL as configured; returns where the run wrote its outputs and what it measured."""
+    accelerator = make_accelerator(cfg)
+    try:
+        return _train(cfg, accelerator)
+    finally:
+        shutdown(accelerator)
+
+
+def _train(cfg: Config, accelerator: Any) -> RunResult:
+    comm = Comm()
+    validate(cfg, comm.world_size)
+    run_dir = Path(cfg.run.output_dir)
+    seed_everything(derive_seed(cfg.run.seed, 0, 0, 0, comm.rank))
+
+    with accelerator.main_process_first():  # built-in sources are materialised once
+        train_ds = load_split(cfg.data)
+    n = len(train_ds)
+    if max(cfg.pcl.num_clusters) > n:
+        raise ConfigError(
+            f"pcl.num_clusters={cfg.pcl.num_clusters} asks for more clusters than the {n} "
+            f"training samples: every K must be at most {n}"
+        )
+    local_batch = cfg.optim.batch_size // (comm.world_size * cfg.optim.grad_accum)
+    train_view = IndexedImages(train_ds, cfg.data.image_column, train_transform(cfg.data))
+    eval_view = IndexedImages(train_ds, cfg.data.image_column, eval_transform(cfg.data))
+    if n < local_batch * comm.world_size:
+        raise ConfigError(
+            f"optim.batch_size={cfg.optim.batch_size} is larger than the {n} training samples: "
+            f"lower it so that at least one full batch fits"
+        )
+
+    # Inputs are checked: only now does the run directory get written.
+    if comm.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    if cfg.run.trackers:
+        accelerator.init_trackers(run_dir.name, config=_flat(cfg))
+    model = build_model(cfg)
+    optimizer = torch.optim.SGD(
+        [p for p in model.encoder_q.parameters()],
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state, clusters = TrainState(), None
+    resume_path = resolve_resume(cfg.run.resume, run_dir)
+    if resume_path is not None:
+        state, clusters = load_checkpoint(accelerator, resume_path)
+        accelerator.print(f"resumed from {resume_path} at epoch {state.epoch}")
+
+    logger = JsonlLogger(run_dir / METRICS_FILE, accelerator, comm.is_main)
+    extract = ExtractOptions(
+        batch_size=cfg.estep.batch_size or 5 * local_batch,
+        num_workers=cfg.data.num_workers,
+        device=accelerator.device,
+        autocast=accelerator.autocast,
+        progress=comm.is_main,
+    )
+    start_epoch = state.epoch
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        if epoch >= cfg.pcl.warmup_epochs:
+            clusters = estep(
+                cfg, accelerator, model, eval_view, comm, extract, logger, epoch, state
+            )
+        else:
+            clusters = None
+        loader = make_loader(cfg, train_view, comm, local_batch, epoch)
+        train_one_epoch(
+            cfg, accelerator, model, optimizer, loader, clusters, comm, logger, state, epoch
+        )
+        state.epoch = epoch + 1
+        last = state.epoch == cfg.optim.epochs
+        if last or state.epoch % cfg.run.checkpoint_every == 0:
+            save_checkpoint(accelerator, run_dir, state, clusters, cfg.run.keep_checkpoints, comm)
+        if cfg.run.export_every and state.epoch % cfg.run.export_every == 0 and not last:
+            if comm.is_main:
+                export_backbone(
+                    _unwrap(accelerator, model), cfg, run_dir / f"export_epoch_{state.epoch:04d}"
+                )
+            comm.barrier()
+
+    evaluation = None
+    if cfg.run.evaluate and cfg.data.label_column:
+        evaluation = evaluate(cfg, accelerator, model, comm, extract, train_ds)
+        if evaluation is not None:
+            logger.log({"event": "evaluation", **_flatten_eval(evaluation)}, step=state.global_step)
+    export_dir = None
+    if comm.is_main:
+        export_dir = export_backbone(
+            _unwrap(accelerator, model), cfg, run_dir / "export", _flatten_eval(evaluation)
+        )
+        if cfg.run.hub_repo_id:
+            push_to_hub(export_dir, cfg.run.hub_repo_id)
+    comm.barrier()
+    if cfg.run.trackers:
+        accelerator.end_training()
+    return RunResult(
+        run_dir=run_dir,
+        epochs_run=cfg.optim.epochs - start_epoch,
+        history=logger.records,
+        clusters=clusters,
+        evaluation=evaluation,
+        export_dir=export_dir,
+    )
+
+
+def build_model(cfg: Config) -> PCLModel:
+    m = cfg.model
+    spec = BackboneSpec(m.backbone, m.small_stem, cfg.data.image_size, m.patch_size)
+    return PCLModel(spec, m.dim, m.head, cfg.pcl.queue_length, m.mlp_hidden_dim or None)  # type: ignore[arg-type]
+
+
+def _unwrap(accelerator: Any, model: Any) -> PCLModel:
+    inner = accelerator.unwrap_model(model)
+    assert isinstance(inner, PCLModel)
+    return inner
+
+
+def make_loader(
+    cfg: Config, view: IndexedImages, comm: Comm, local_batch: int, epoch: int
+) -> DataLoader:
+    """This rank's shuffled loader for one epoch; order and augmentations follow (seed, epoch)."""
+    sampler: DistributedSampler[int] = DistributedSampler(
+        view,
+        num_replicas=comm.world_size,
+        rank=comm.rank,
+        shuffle=True,
+        seed=cfg.run.seed,
+        drop_last=True,
+    )
+    sampler.set_epoch(epoch)
+    seed_everything(derive_seed(cfg.run.seed, 1, epoch, 0, comm.rank))  # augmentations, workers=0
+    return DataLoader(
+        view,
+        batch_size=local_batch,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        drop_last=True,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(derive_seed(cfg.run.seed, 2, epoch, 0, comm.rank)),
+        persistent_workers=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# E-step
+
+
+def estep(
+    cfg: Config,
+    accelerator: Any,
+    model: Any,
+    eval_view: IndexedImages,
+    comm: Comm,
+    extract: ExtractOptions,
+    logger: JsonlLogger,
+    epoch: int,
+    state: TrainState,
+) -> ClusterResult:
+    """Momentum-encoder features of the eval view, k-means at every granularity, phi."""
+    start = time.perf_counter()
+    inner = _unwrap(accelerator, model)
+    inner.eval()
+    kmeans_kwargs = dict(
+        niter=cfg.estep.niter,
+        nredo=cfg.estep.nredo,
+        spherical=cfg.estep.spherical,
+        seed=cfg.estep.seed,
+        backend=cfg.estep.backend,
+        init=cfg.estep.init,
+    )
+    clusters, _ = run_estep(
+        inner.embed,
+        eval_view,
+        comm,
+        extract,
+        cfg.pcl.num_clusters,
+        cfg.pcl.temperature,
+        kmeans_kwargs,
+    )
+    inner.train()
+    record: dict[str, Any] = {
+        "event": "estep",
+        "epoch": epoch,
+        "seconds": time.perf_counter() - start,
+    }
+    for m, c in enumerate(clusters.clusterings):
+        sizes = torch.bincount(c.assignments, minlength=c.num_prototypes)
+        record[f"k{m}_empty"] = int((sizes == 0).sum())
+        record[f"k{m}_max_size"] = int(sizes.max())
+        record[f"k{m}_phi_min"] = float(c.phi.min())
+        record[f"k{m}_phi_max"] = float(c.phi.max())
+    logger.log(record, step=state.global_step)
+    return clusters.to(accelerator.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# M-step
+
+
+def train_one_epoch(
+    cfg: Config,
+    accelerator: Any,
+    model: Any,
+    optimizer: Any,
+    loader: DataLoader,
+    clusters: ClusterResult | None,
+    comm: Comm,
+    logger: JsonlLogger,
+    state: TrainState,
+    epoch: int,
+) -> None:
+    inner = _unwrap(accelerator, model)
+    model.train()
+    steps = len(loader) // cfg.optim.grad_accum
+    if cfg.run.max_steps_per_epoch:
+        steps = min(steps, cfg.run.max_steps_per_epoch)
+    meter = Meter()
+    bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not comm.is_main, leave=False)
+    lr = cfg.optim.lr
+    for micro, ((im_q, im_k), index) in enumerate(loader):
+        if micro // cfg.optim.grad_accum >= steps:
+            break
+        first_micro = micro % cfg.optim.grad_accum == 0
+        if first_micro:
+            inner.momentum_update(cfg.pcl.momentum)
+            lr = learning_rate(
+                cfg.optim.lr,
+                epoch + (micro // cfg.optim.grad_accum) / max(steps, 1),
+                cfg.optim.epochs,
+                cfg.optim.schedule,
+                cfg.optim.milestones,
+                cfg.optim.gamma,
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        out = train_step(
+            cfg,
+            accelerator,
+            model,
+            inner,
+            optimizer,
+            im_q,
+            im_k,
+            index,
+            clusters,
+            comm,
+            state,
+            epoch,
+        )
+        meter.add(out)
+        if (micro + 1) % cfg.optim.grad_accum == 0:
+            state.global_step += 1
+            bar.update(1)
+            done = (micro + 1) // cfg.optim.grad_accum
+            if state.global_step % cfg.run.log_every == 0 or done == steps:
+                record = meter.summary(accelerator)
+                record.update(epoch=epoch, step=state.global_step, lr=lr)
+                logger.log(record, step=state.global_step)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                meter = Meter()
+    bar.close()
+
+
+def train_step(
+    cfg: Config,
+    accelerator: Any,
+    model: Any,
+    inner: PCLModel,
+    optimizer: Any,
+    im_q: Tensor,
+    im_k: Tensor,
+    index: Tensor,
+    clusters: ClusterResult | None,
+    comm: Comm,
+    state: TrainState,
+    epoch: int,
+) -> LossOutput:
+    """One micro-batch: keys (shuffled BN across ranks), loss, backward, step, enqueue."""
+    device = accelerator.device
+    im_q, im_k, index = im_q.to(device), im_k.to(device), index.to(device)
+    step_seed = derive_seed(cfg.run.seed, 3, epoch, state.global_step, 0)
+    with accelerator.accumulate(model), accelerator.autocast():
+        q, _ = model(im_q)
+        k = shuffled_keys(inner.embed, im_k, comm, torch.Generator().manual_seed(step_seed))
+        gen = torch.Generator(device=device).manual_seed(derive_seed(step_seed, comm.rank))
+        out = pcl_loss(q, k, inner.queue, index, cfg.pcl.temperature, clusters, cfg.pcl.r, gen)
+        accelerator.backward(out.loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    inner.enqueue(comm.all_gather_cat(k.float()))
+    return out
+
+
+def shuffled_keys(
+    encode: Callable[[Tensor], Tensor], im_k: Tensor, comm: Comm, gen: torch.Generator
+) -> Tensor:
+    """Keys with shuffled BatchNorm (MoCo): each rank encodes a random slice of the global batch.
+
+    The permutation comes from a generator seeded identically on every rank, so no broadcast is
+    needed. On one process this is the plain key forward.
+    """
+    if comm.world_size == 1:
+        return encode(im_k)
+    b = im_k.shape[0]
+    all_k = comm.all_gather_cat(im_k)  # (W*B, C, H, W)
+    perm = torch.randperm(all_k.shape[0], generator=gen).to(im_k.device)
+    mine = slice(comm.rank * b, (comm.rank + 1) * b)
+    keys = comm.all_gather_cat(encode(all_k[perm[mine]]).contiguous())  # (W*B, D), shuffled order
+    unshuffled = torch.empty_like(keys)
+    unshuffled[perm] = keys
+    return unshuffled[mine]
+
+
+class Meter:
+    """Running means of the logged terms over a logging interval, averaged over ranks."""
+
+    KEYS = ("loss", "loss_inst", "loss_proto", "acc_inst", "acc_proto")
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, out: LossOutput) -> None:
+        self.count += 1
+        for key in self.KEYS:
+            value = getattr(out, key)
+            if value is not None:
+                self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+
+    def summary(self, accelerator: Any) -> dict[str, Any]:
+        keys = sorted(self.sums)
+        local = torch.tensor(
+            [self.sums[k] / max(self.count, 1) for k in keys], device=accelerator.device
+        )
+        mean = (
+            accelerator.reduce(local, reduction="mean") if accelerator.num_processes > 1 else local
+        )
+        record = {k: float(v) for k, v in zip(keys, mean.tolist(), strict=True)}
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"the loss is {record['loss']}: training diverged")
+        return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Final evaluation
+
+
+def evaluate(
+    cfg: Config, accelerator: Any, model: Any, comm: Comm, extract: ExtractOptions, train_ds: Any
+) -> dict[str, dict[str, float]] | None:
+    """kNN (k=5, cosine) and k-means NMI/AMI of the backbone features vs raw pixels (rank 0).
+
+    The kNN gallery is the training split and the queries are ``data.eval_split``; k-means runs
+    on the union. Without an eval split only k-means on the training split is reported. Raw
+    pixels are the same eval view, flattened (skipped when too large to hold).
+    """
+    inner = _unwrap(accelerator, model)
+    inner.eval()
+    splits = [train_ds] + (
+        [load_split(cfg.data, cfg.data.eval_split)] if cfg.data.eval_split else []
+    )
+    learned, raw, labels = [], [], []
+    pixels = 3 * cfg.data.image_size**2
+    with_raw = pixels * sum(len(ds) for ds in splits) <= RAW_BASELINE_MAX_VALUES
+    for ds in splits:
+        view = IndexedImages(ds, cfg.data.image_column, eval_transform(cfg.data))
+        learned.append(_gather_features(inner.encoder_q.backbone, view, comm, extract))
+        if with_raw:
+            raw.append(_gather_features(torch.nn.Flatten(), view, comm, extract))
+        lab = labels_of(ds, cfg.data)
+        assert lab is not None
+        labels.append(lab)
+    inner.train()
+    if not comm.is_main:
+        return None
+    report = {}
+    for name, feats in (("raw pixels", raw), ("pcl backbone", learned)):
+        if not feats:
+            continue
+        assert all(f is not None for f in feats)
+        fs = [f for f in feats if f is not None]
+        row = kmeans_scores(torch.cat(fs), torch.cat(labels), seed=cfg.run.seed)
+        if len(fs) > 1:
+            row["knn_top1"] = knn_accuracy(fs[0], labels[0], fs[1], labels[1], k=5)
+        report[name] = row
+    return report
+
+
+def _gather_features(
+    embed: Callable[[Tensor], Tensor], view: IndexedImages, comm: Comm, extract: ExtractOptions
+) -> Tensor | None:
+    opts = ExtractOptions(
+        extract.batch_size, extract.num_workers, extract.device, extract.autocast, False
+    )
+    indices, feats = extract_shard(embed, view, comm, opts)
+    return gather_by_index(indices, feats, len(view), comm)
+
+
+def _flatten_eval(evaluation: dict[str, dict[str, float]] | None) -> dict[str, float]:
+    if not evaluation:
+        return {}
+    return {
+        f"{name.replace(' ', '_')}/{k}": v
+        for name, row in evaluation.items()
+        for k, v in row.items()
+    }
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    from pcl_scale.config import to_dict
+
+    out = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            out[f"{section}.{key}"] = (
+                value if isinstance(value, int | float | str | bool) else str(value)
+            )
+    return out
+
+
+def format_report(evaluation: dict[str, dict[str, float]]) -> str:
+    """The learned-vs-raw table printed at the end of a run."""
+    lines = ["| features | kNN top-1 (k=5) | k-means NMI | k-means AMI |", "|---|---|---|---|"]
+    for name, row in evaluation.items():
+        knn = f"{row['knn_top1']:.1f}%" if "knn_top1" in row else "-"
+        lines.append(f"| {name} | {knn} | {row['nmi']:.3f} | {row['ami']:.3f} |")
+    return "\n".join(lines)
+
+
+__all__ = ["RunResult", "UserError", "format_report", "train"]

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_images(n: int, size: int = 8, classes: int = 4, seed: int = 0, mode: str = "RGB"):
+    """n small images of ``classes`` distinct patterns (plus noise) and their labels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(0, 256, size=(classes, size, size, 3))
+    labels = np.arange(n) % classes
+    images = []
+    for lab in labels:
+        arr = np.clip(patterns[lab] + rng.normal(0, 20, size=(size, size, 3)), 0, 255).astype(
+            np.uint8
+        )
+        img = Image.fromarray(arr, "RGB")
+        images.append(img.convert(mode) if mode != "RGB" else img)
+    return images, labels
+
+
+def make_hf_dataset(n: int = 48, size: int = 8, classes: int = 4, seed: int = 0, mode: str = "RGB"):
+    import datasets
+
+    images, labels = make_images(n, size, classes, seed, mode)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=classes)}
+    )
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+@pytest.fixture
+def tiny_dataset_dir(tmp_path: Path) -> Path:
+    """A save_to_disk DatasetDict with train (48) and test (16) splits of 8x8 images."""
+    import datasets
+
+    path = tmp_path / "tiny"
+    datasets.DatasetDict(
+        {"train": make_hf_dataset(48, seed=0), "test": make_hf_dataset(16, seed=1)}
+    ).save_to_disk(str(path))
+    return path
+
+
+def tiny_overrides(data_dir: Path, out_dir: Path, **extra: object) -> list[str]:
+    """Overrides for a seconds-long run: ResNet-18 (small stem) on 8x8 images."""
+    base = {
+        "data.source": str(data_dir),
+        "data.split": "train",
+        "data.eval_split": "''",
+        "data.image_size": 8,
+        "data.resize_size": 8,
+        "data.num_workers": 0,
+        "data.aug": "aug_plus",
+        "model.backbone": "resnet18",
+        "model.small_stem": "true",
+        "model.dim": 16,
+        "pcl.r": 4,
+        "pcl.queue_size": 32,
+        "pcl.num_clusters": "[12,16]",
+        "pcl.warmup_epochs": 1,
+        "pcl.momentum": 0.9,
+        "estep.backend": "torch",
+        "estep.nredo": 1,
+        "estep.niter": 5,
+        "optim.epochs": 3,
+        "optim.batch_size": 8,
+        "optim.lr": 0.05,
+        "optim.schedule": "cosine",
+        "run.output_dir": str(out_dir),
+        "run.checkpoint_every": 1,
+        "run.keep_checkpoints": 5,
+        "run.log_every": 1,
+        "run.evaluate": "false",
+        "run.max_steps_per_epoch": 3,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,115 @@
+import datasets
+import pytest
+import torch
+
+from pcl_scale.config import DataConfig
+from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split, train_transform
+from pcl_scale.errors import DataError
+
+from .conftest import make_hf_dataset, make_images
+
+
+def cfg_for(source, **kw) -> DataConfig:
+    base: dict = dict(source=str(source), image_size=8, resize_size=8, num_workers=0)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def check_dataset(ds, cfg, n):
+    assert len(ds) == n
+    view = IndexedImages(ds, cfg.image_column, eval_transform(cfg))
+    image, index = view[n - 1]
+    assert index == n - 1 and image.shape == (3, 8, 8) and image.dtype == torch.float32
+    (q, k), idx = IndexedImages(ds, cfg.image_column, train_transform(cfg))[0]
+    assert q.shape == k.shape == (3, 8, 8) and idx == 0
+    labels = labels_of(ds, cfg)
+    assert labels is not None and labels.shape == (n,)
+
+
+def test_save_to_disk_dict_and_single(tmp_path, tiny_dataset_dir):
+    check_dataset(load_split(cfg_for(tiny_dataset_dir)), cfg_for(tiny_dataset_dir), 48)
+    check_dataset(load_split(cfg_for(tiny_dataset_dir), "test"), cfg_for(tiny_dataset_dir), 16)
+    single = tmp_path / "single"
+    make_hf_dataset(10).save_to_disk(str(single))
+    check_dataset(load_split(cfg_for(single)), cfg_for(single), 10)
+
+
+def test_image_folder(tmp_path):
+    images, labels = make_images(12)
+    for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
+        d = tmp_path / "folder" / "train" / f"class{lab}"
+        d.mkdir(parents=True, exist_ok=True)
+        img.save(d / f"{i}.png")
+    cfg = cfg_for(tmp_path / "folder")
+    ds = load_split(cfg)
+    check_dataset(ds, cfg, 12)
+    labels = labels_of(ds, cfg)
+    assert labels is not None and sorted(set(labels.tolist())) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+def test_parquet_and_arrow_files(tmp_path, kind):
+    ds = make_hf_dataset(9)
+    if kind == "parquet":
+        path = tmp_path / "data.parquet"
+        ds.to_parquet(str(path))
+    else:
+        ds.save_to_disk(str(tmp_path / "saved"))
+        path = next((tmp_path / "saved").glob("*.arrow"))
+    cfg = cfg_for(path)
+    check_dataset(load_split(cfg), cfg, 9)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_modes_become_rgb(tmp_path, mode):
+    path = tmp_path / mode
+    make_hf_dataset(4, mode=mode).save_to_disk(str(path))
+    cfg = cfg_for(path)
+    image, _ = IndexedImages(load_split(cfg), "image", eval_transform(cfg))[0]
+    assert image.shape == (3, 8, 8)
+
+
+def test_builtin_digits_and_mnist(tmp_path):
+    digits = cfg_for("digits", cache_dir=str(tmp_path))
+    assert len(load_split(digits)) == 1437 and len(load_split(digits, "test")) == 360
+    check_dataset(load_split(digits, "test"), digits, 360)
+    mnist = cfg_for("mnist", cache_dir=str(tmp_path), max_samples=100)
+    ds = load_split(mnist, "test")
+    check_dataset(ds, mnist, 100)
+    labels = labels_of(ds, mnist)
+    assert labels is not None and labels[:5].tolist() == [7, 2, 1, 0, 4]  # official test order
+
+
+def test_errors_name_the_problem(tmp_path, tiny_dataset_dir):
+    with pytest.raises(DataError, match="does not exist"):
+        load_split(cfg_for(tmp_path / "nope"))
+    with pytest.raises(
+        DataError, match=r"image column 'img' not found.*available columns: image, label"
+    ):
+        load_split(cfg_for(tiny_dataset_dir, image_column="img"))
+    with pytest.raises(DataError, match=r"label column 'y' not found.*label_column=''"):
+        load_split(cfg_for(tiny_dataset_dir, label_column="y"))
+    with pytest.raises(DataError, match=r"split 'validation' not found.*train, test"):
+        load_split(cfg_for(tiny_dataset_dir), "validation")
+    empty = tmp_path / "empty.parquet"
+    make_hf_dataset(4).select([]).to_parquet(str(empty))
+    with pytest.raises(DataError, match="is empty"):
+        load_split(cfg_for(empty))
+    empty_saved = tmp_path / "empty_saved"
+    make_hf_dataset(4).select([]).save_to_disk(str(empty_saved))
+    with pytest.raises(DataError, match="empty or damaged"):
+        load_split(cfg_for(empty_saved))
+    with pytest.raises(DataError, match="offline"):
+        load_split(cfg_for("someone/not-cached-dataset"))
+
+
+def test_corrupt_image_names_the_index(tmp_path):
+    ds = make_hf_dataset(5)
+    rows = ds.cast_column("image", datasets.Image(decode=False)).to_dict()
+    rows["image"][3] = {"bytes": b"not an image", "path": None}
+    bad = datasets.Dataset.from_dict(rows, features=ds.features)
+    cfg = cfg_for("unused")
+    view = IndexedImages(bad, "image", eval_transform(cfg))
+    view[2]
+    with pytest.raises(DataError, match="dataset index 3"):
+        view[3]

@@ -1,0 +1,179 @@
+"""End-to-end training on tiny data: one process in-process, two processes under accelerate."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import load_file
+from torch import nn
+
+from pcl_scale.cli import main
+from pcl_scale.clusters import ClusterResult
+from pcl_scale.config import load_config
+from pcl_scale.export import export_backbone
+from pcl_scale.model import BackboneSpec, PCLModel
+from pcl_scale.train import build_model, train
+
+from .conftest import ROOT, make_hf_dataset, tiny_overrides
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def losses(history, epoch=None):
+    return [r["loss"] for r in history if "loss" in r and (epoch is None or r["epoch"] == epoch)]
+
+
+def test_resume_equals_straight_run(tmp_path, tiny_dataset_dir):
+    straight = train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "a")))
+    assert [r["epoch"] for r in straight.history if r.get("event") == "estep"] == [1, 2]
+    assert all(math.isfinite(v) for v in losses(straight.history))
+    assert all("loss_proto" in r for r in straight.history if "loss" in r and r["epoch"] >= 1)
+
+    # a run that stopped after 2 epochs: its checkpoint directory, without the third epoch
+    resumed_dir = tmp_path / "b"
+    shutil.copytree(
+        tmp_path / "a" / "checkpoints" / "epoch_0002", resumed_dir / "checkpoints" / "epoch_0002"
+    )
+    resumed = train(
+        load_config(None, tiny_overrides(tiny_dataset_dir, resumed_dir, **{"run.resume": "auto"}))
+    )
+    assert resumed.epochs_run == 1
+    assert losses(resumed.history) == pytest.approx(losses(straight.history, epoch=2), rel=1e-5)
+    assert resumed.clusters is not None and straight.clusters is not None
+    for a, b in zip(resumed.clusters.clusterings, straight.clusters.clusterings, strict=True):
+        assert torch.equal(a.assignments, b.assignments)
+        torch.testing.assert_close(a.phi, b.phi)
+
+
+def test_checkpoints_are_complete_and_pruned(tmp_path, tiny_dataset_dir):
+    out = tmp_path / "run"
+    train(load_config(None, tiny_overrides(tiny_dataset_dir, out, **{"run.keep_checkpoints": 2})))
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["epoch_0002", "epoch_0003"]
+    last = out / "checkpoints" / "epoch_0003"
+    assert json.loads((last / "trainer_state.json").read_text())["epoch"] == 3
+    clusters = ClusterResult.from_state_dict(load_file(str(last / "clusters.safetensors")))
+    assert [c.num_prototypes for c in clusters.clusterings] == [12, 16]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "loss_inst", "acc_inst", "lr"} <= set(records[0])
+    assert (out / "config.yaml").is_file()
+
+
+def test_export_loads_into_plain_torchvision_with_same_embeddings(tmp_path, tiny_dataset_dir):
+    out = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(tiny_dataset_dir, out, **{"optim.epochs": 2}))
+    result = train(cfg)
+    assert result.export_dir == out / "export"
+    plain = torchvision.models.resnet18()
+    plain.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    plain.maxpool = nn.Identity()
+    plain.fc = nn.Identity()
+    plain.load_state_dict(load_file(str(out / "export" / "model.safetensors")), strict=True)
+
+    trained = build_model(cfg)  # the final resume checkpoint holds the trained model
+    state = load_file(str(out / "checkpoints" / "epoch_0002" / "model.safetensors"))
+    trained.load_state_dict(state, strict=True)
+    x = torch.randn(4, 3, 8, 8)
+    plain.eval()
+    trained.eval()
+    torch.testing.assert_close(plain(x), trained.encoder_q.backbone(x))
+    config = json.loads((out / "export" / "config.json").read_text())
+    assert config["library"] == "torchvision" and config["small_stem"] is True
+    assert "model.load_state_dict" in (out / "export" / "README.md").read_text()
+
+
+def test_vit_export_loads_into_plain_timm(tmp_path):
+    cfg = load_config(None, ["model.backbone=vit_tiny", "model.patch_size=8", "data.image_size=16"])
+    model = PCLModel(BackboneSpec("vit_tiny", img_size=16, patch_size=8), queue_size=8)
+    export_backbone(model, cfg, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    plain = timm.create_model(config["architecture"], **config["create_model_kwargs"])
+    plain.load_state_dict(load_file(str(tmp_path / "export" / "model.safetensors")), strict=True)
+    plain.eval()
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(plain(x), model.encoder_q.backbone(x))
+
+
+def run_cli(tmp_path, data_dir, capsys, **extra):
+    out = tmp_path / "out"
+    code = main(["train", *tiny_overrides(data_dir, out, **extra)])
+    return code, capsys.readouterr().err, out
+
+
+def test_bad_inputs_exit_2_with_a_clear_message(tmp_path, tiny_dataset_dir, capsys):
+    cases: list[tuple[dict, str]] = [
+        ({"data.source": str(tmp_path / "missing")}, "does not exist"),
+        ({"data.label_column": "target"}, "available columns: image, label"),
+        ({"pcl.num_clusters": "[12,100]"}, "more clusters than the 48 training samples"),
+        ({"pcl.r": 20}, "lower pcl.r to at most 4"),
+        ({"optim.batch_size": 9, "optim.grad_accum": 2}, "not divisible"),
+    ]
+    for extra, message in cases:
+        code, err, out = run_cli(tmp_path, tiny_dataset_dir, capsys, **extra)
+        assert code == 2, extra
+        assert message in err and "Traceback" not in err, err
+        assert not out.exists(), f"{extra} left {list(out.iterdir())}"
+
+    empty = tmp_path / "empty.parquet"
+    make_hf_dataset(4).select([]).to_parquet(str(empty))
+    code, err, _ = run_cli(tmp_path, tiny_dataset_dir, capsys, **{"data.source": str(empty)})
+    assert code == 2 and "is empty" in err
+
+
+def test_corrupt_image_stops_training_with_its_index(tmp_path, capsys):
+    import datasets
+
+    ds = make_hf_dataset(48)
+    rows = ds.cast_column("image", datasets.Image(decode=False)).to_dict()
+    rows["image"][7] = {"bytes": b"\x89PNG broken", "path": None}
+    bad = tmp_path / "bad"
+    datasets.Dataset.from_dict(rows, features=ds.features).save_to_disk(str(bad))
+    code, err, out = run_cli(tmp_path, bad, capsys, **{"run.max_steps_per_epoch": 0})
+    assert code == 2 and "dataset index 7" in err and "Traceback" not in err
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.dist
+def test_two_processes_train_end_to_end_with_identical_clusters(tmp_path, tiny_dataset_dir):
+    dump = tmp_path / "dump"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--main_process_port",
+        "29533",
+        str(ROOT / "tests" / "scripts" / "train_and_dump.py"),
+        str(dump),
+        *tiny_overrides(tiny_dataset_dir, tmp_path / "run", **{"optim.batch_size": 16}),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    histories = [json.loads((dump / f"history_rank{r}.json").read_text()) for r in (0, 1)]
+    estep_epochs = [r["epoch"] for r in histories[0] if r.get("event") == "estep"]
+    assert estep_epochs == [1, 2]
+    assert all(math.isfinite(v) for v in losses(histories[0]))
+    assert losses(histories[0]) == losses(histories[1])  # logged means are reduced over ranks
+    c0 = load_file(str(dump / "clusters_rank0.safetensors"))
+    c1 = load_file(str(dump / "clusters_rank1.safetensors"))
+    assert c0.keys() == c1.keys() and len(c0) == 6
+    for key in c0:
+        assert torch.equal(c0[key], c1[key]), key
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
