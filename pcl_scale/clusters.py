@@ -20,7 +20,8 @@ class Clustering:
     Attributes:
         prototypes: (K, D) L2-normalised centroids c^m (constants for the epoch).
         phi: (K,) concentration of each prototype (mean = temperature).
-        assignments: (N,) int64 prototype id of every dataset index (``im2cluster``).
+        assignments: (N,) int64 (int32 from a sharded E-step) prototype id of every dataset
+            index (``im2cluster``).
     """
 
     prototypes: Tensor

@@ -114,6 +114,16 @@ class PCLConfig:
 
 @dataclass
 class EStepConfig:
+    mode: str = field(
+        default="auto",
+        metadata=_help(
+            "'gather' (features to rank 0, cluster there), 'sharded' (features stay on their "
+            "rank; distributed k-means) or 'auto' (see docs/scaling.md)"
+        ),
+    )
+    gather_max_gib: float = field(
+        default=8.0, metadata=_help("auto picks 'sharded' when N x D x 4 bytes exceeds this")
+    )
     batch_size: int = field(
         default=0,
         metadata=_help("E-step batch per process (0 = 5 x the training batch per process)"),
@@ -272,6 +282,7 @@ _CHOICES = {
     ("data", "aug"): ("aug", "aug_plus"),
     ("model", "head"): ("linear", "mlp"),
     ("estep", "backend"): ("auto", "torch", "faiss"),
+    ("estep", "mode"): ("auto", "gather", "sharded"),
     ("estep", "init"): ("random", "kmeans++"),
     ("optim", "schedule"): ("step", "cosine"),
     ("run", "mixed_precision"): ("no", "bf16", "fp16"),

@@ -258,11 +258,14 @@ def train_transform(cfg: DataConfig) -> TwoCrops:
     flip = [T.RandomHorizontalFlip()] if cfg.hflip else []
     tail = [*flip, T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     if cfg.aug == "aug_plus":
+        scale = cfg.image_size / 224.0
         ops = [
             crop,
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
-            T.RandomApply([GaussianBlurPIL((0.1, 2.0))], p=0.5),
+            # sigma ~ U[0.1, 2.0] px at 224 px, as the reference; scaled with the crop size so
+            # that small images are blurred as much relative to their size.
+            T.RandomApply([GaussianBlurPIL((0.1 * scale, 2.0 * scale))], p=0.5),
         ]
     else:
         ops = [crop, T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4)]

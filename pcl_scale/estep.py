@@ -1,10 +1,16 @@
-"""The E-step: sharded feature extraction by dataset index, clustering, and the broadcast result.
+"""The E-step: sharded extraction by dataset index, then clustering; identical results everywhere.
 
 Each rank embeds the strided shard ``range(rank, N, world)`` of the deterministic eval view (no
-padding, so no duplicates); rank 0 places every row at its dataset index and asserts that each
-index arrived exactly once, clusters every granularity and estimates phi; the result is
-broadcast, so every rank ends the E-step with the same :class:`ClusterResult`. Only rank 0 holds
-the N x D matrix.
+padding, so no duplicates). Then, by mode:
+
+* ``gather``: rank 0 places every row at its dataset index, asserts that each index arrived exactly
+  once, clusters every granularity (faiss or torch) and estimates phi; the result is broadcast.
+  Only rank 0 holds the N x D matrix.
+* ``sharded``: features never leave their rank. k-means runs on the shards with all-reduced
+  per-cluster sums and counts (:func:`pcl_scale.kmeans.kmeans_sharded`), phi from all-reduced
+  per-cluster distance sums and counts, and the assignments are all-gathered as int32 by index.
+
+Either way every rank ends the E-step with the same :class:`ClusterResult`.
 """
 
 from __future__ import annotations
@@ -15,12 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from pcl_scale.clusters import Clustering, ClusterResult, cluster_features
+from pcl_scale.concentration import cluster_distance_stats, concentration_from_stats
 from pcl_scale.distributed import Comm
+from pcl_scale.kmeans import kmeans_sharded
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,47 @@ def broadcast_clusters(
     return ClusterResult(tuple(clusterings))
 
 
+def all_gather_by_index(indices: Tensor, values: Tensor, n: int, comm: Comm) -> Tensor:
+    """(N,) values on every rank from the per-rank (index, value) pairs, coverage checked."""
+    width = -(-n // comm.world_size)
+    pad = width - indices.shape[0]
+    idx = comm.all_gather_cat(torch.cat([indices.cpu(), torch.full((pad,), -1, dtype=torch.long)]))
+    val = comm.all_gather_cat(torch.cat([values.cpu(), values.new_zeros(pad).cpu()]))
+    keep = idx >= 0
+    idx, val = idx[keep], val[keep]
+    if idx.numel() != n or not bool((torch.bincount(idx, minlength=n) == 1).all()):
+        raise RuntimeError(f"E-step coverage check failed: {idx.numel()} values for N={n} samples")
+    out = torch.empty(n, dtype=values.dtype)
+    out[idx] = val
+    return out
+
+
+def cluster_sharded(
+    indices: Tensor,
+    feats: Tensor,
+    n: int,
+    comm: Comm,
+    num_clusters: Sequence[int],
+    temperature: float,
+    kmeans_kwargs: dict[str, Any],
+) -> ClusterResult:
+    """Sharded k-means and phi at every granularity; assignments all-gathered as int32."""
+    kw = {k: v for k, v in kmeans_kwargs.items() if k != "backend"}  # always the torch backend
+    seed = kw.pop("seed", 0)
+    clusterings = []
+    for m, k in enumerate(num_clusters):
+        res = kmeans_sharded(feats, indices, n, k, comm.all_reduce_sum, seed=seed + m, **kw)
+        dist_sum, count = cluster_distance_stats(res.distances, res.assignments, k)
+        phi = concentration_from_stats(
+            comm.all_reduce_sum(dist_sum), comm.all_reduce_sum(count), temperature
+        )
+        assignments = all_gather_by_index(indices, res.assignments.int(), n, comm)
+        clusterings.append(
+            Clustering(F.normalize(res.centroids, dim=1).cpu(), phi.cpu(), assignments)
+        )
+    return ClusterResult(tuple(clusterings))
+
+
 def run_estep(
     embed: Callable[[Tensor], Tensor],
     dataset: Any,
@@ -117,18 +167,40 @@ def run_estep(
     num_clusters: Sequence[int],
     temperature: float,
     kmeans_kwargs: dict[str, Any],
-) -> tuple[ClusterResult, Tensor | None]:
-    """Extract, cluster on rank 0, broadcast.
+    mode: str = "gather",
+) -> ClusterResult:
+    """Extract, then cluster in ``mode`` (``gather`` or ``sharded``); identical on every rank.
 
     Returns:
-        The cluster result (on CPU, identical on every rank) and the (N, D) features on rank 0
-        (None elsewhere).
+        The cluster result, on CPU.
     """
     indices, feats = extract_shard(embed, dataset, comm, opts)
     n = len(dataset)
+    if mode == "sharded":
+        return cluster_sharded(
+            indices, feats.to(opts.device), n, comm, num_clusters, temperature, kmeans_kwargs
+        )
     full = gather_by_index(indices, feats, n, comm)
     result = None
     if full is not None:  # k-means on the accelerator when there is one
         result = cluster_features(full.to(opts.device), num_clusters, temperature, **kmeans_kwargs)
         result = result.to("cpu")
-    return broadcast_clusters(result, num_clusters, n, feats.shape[1], comm), full
+    return broadcast_clusters(result, num_clusters, n, feats.shape[1], comm)
+
+
+def choose_mode(
+    mode: str, n: int, dim: int, world_size: int, faiss_ok: bool, gather_max_bytes: int
+) -> str:
+    """Resolve ``estep.mode``; ``auto`` follows the rule documented in docs/scaling.md.
+
+    One process: ``gather`` (nothing to shard). Several: ``sharded`` when the features would not
+    fit rank 0's budget (N * D * 4 bytes > ``gather_max_bytes``) or when faiss is missing (then
+    both modes run the same torch k-means, and sharding spreads the work); ``gather`` otherwise.
+    """
+    if mode != "auto":
+        return mode
+    if world_size == 1:
+        return "gather"
+    if n * dim * 4 > gather_max_bytes or not faiss_ok:
+        return "sharded"
+    return "gather"

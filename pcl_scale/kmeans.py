@@ -154,6 +154,98 @@ def default_chunk_bytes(device: torch.device) -> int:
     return GPU_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
 
 
+def kmeans_sharded(
+    x_local: Tensor,
+    index_local: Tensor,
+    n_total: int,
+    k: int,
+    all_reduce_sum: Reduce,
+    *,
+    niter: int = 20,
+    nredo: int = 1,
+    spherical: bool = False,
+    seed: int = 0,
+    init: Init = "random",
+    empty: EmptyPolicy = "reseed",
+    chunk_bytes: int | None = None,
+) -> KMeansResult:
+    """k-means over rows spread across processes, without moving the rows.
+
+    Each iteration assigns the local rows against the replicated centroids (chunked) and sums the
+    per-cluster sums and counts with ``all_reduce_sum``; the update (and the empty-cluster rule)
+    reads only those K-sized sums and a generator seeded identically everywhere, so every process
+    holds the same centroids. The initial rows are chosen by global index from ``seed`` exactly as
+    :func:`kmeans` chooses them on the whole matrix, so the two give the same clustering up to
+    floating-point summation order.
+
+    Args:
+        x_local: (n_local, D) this process's rows.
+        index_local: (n_local,) int64 global row index of each local row (disjoint across
+            processes, covering 0..n_total-1).
+        n_total: N, rows over all processes.
+        k: clusters.
+        all_reduce_sum: sums a tensor over processes, returning the result (identity on one).
+
+    Returns:
+        A :class:`KMeansResult` whose ``assignments``/``distances`` cover the local rows and
+        whose ``centroids``/``objective`` are global.
+    """
+    if chunk_bytes is None:
+        chunk_bytes = default_chunk_bytes(x_local.device)
+    if not 1 <= k <= n_total:
+        raise ValueError(
+            f"cannot make k={k} clusters from N={n_total} points: k must be between 1 and N; "
+            f"lower the number of clusters or use more data"
+        )
+    if niter < 0 or nredo < 1:
+        raise ValueError(f"need niter >= 0 and nredo >= 1, got niter={niter}, nredo={nredo}")
+    x_local = x_local.detach().float()
+    best: KMeansResult | None = None
+    for redo in range(nredo):
+        gen = torch.Generator(device="cpu").manual_seed(seed + redo)
+        if init == "random":
+            chosen = torch.randperm(n_total, generator=gen)[:k]
+            centroids = fetch_rows(x_local, index_local, chosen, all_reduce_sum)
+        elif init == "kmeans++":  # D^2 sampling on a seeded sample gathered to every process
+            sample = torch.randperm(n_total, generator=gen)[: min(n_total, 8 * k)]
+            rows = fetch_rows(x_local, index_local, sample, all_reduce_sum)
+            centroids = kmeans_plusplus(rows, k, gen)
+        else:
+            raise ValueError(f"unknown k-means init {init!r}: use 'random' or 'kmeans++'")
+        if spherical:
+            centroids = F.normalize(centroids, dim=1)
+        centroids = lloyd(
+            x_local, centroids, niter, spherical, empty, gen, chunk_bytes, reduce=all_reduce_sum
+        )
+        assignments, distances = assign(x_local, centroids, chunk_bytes)
+        total = all_reduce_sum(distances.double().sum().reshape(1))
+        result = KMeansResult(centroids, assignments, distances, float(total[0]))
+        if best is None or result.objective < best.objective:
+            best = result
+    assert best is not None
+    return best
+
+
+def fetch_rows(
+    x_local: Tensor, index_local: Tensor, wanted: Tensor, all_reduce_sum: Reduce
+) -> Tensor:
+    """Rows with global indices ``wanted`` (S,), assembled on every process.
+
+    Each process writes the wanted rows it owns into a zero (S, D) matrix; the sum over
+    processes is the full set, since each row has exactly one owner.
+    """
+    wanted = wanted.to(x_local.device)
+    order = torch.argsort(wanted)
+    sorted_wanted = wanted[order]
+    pos = torch.searchsorted(sorted_wanted, index_local.to(x_local.device)).clamp_max(
+        len(wanted) - 1
+    )
+    mine = sorted_wanted[pos] == index_local.to(x_local.device)  # (n_local,)
+    out = torch.zeros(len(wanted), x_local.shape[1], dtype=torch.float64, device=x_local.device)
+    out[order[pos[mine]]] = x_local[mine].double()
+    return all_reduce_sum(out).float()
+
+
 def _check_args(x: Tensor, k: int, niter: int, nredo: int, chunk_bytes: int) -> None:
     if x.dim() != 2:
         raise ValueError(f"k-means expects a 2-D (N, D) tensor, got shape {tuple(x.shape)}")

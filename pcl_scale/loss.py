@@ -107,7 +107,7 @@ def pcl_loss(
     target = torch.arange(q.shape[0], device=q.device)
     proto_losses, proto_accs = [], []
     for c in clusters.clusterings:
-        pos_ids = c.assignments[index]  # (B,)
+        pos_ids = c.assignments[index].long()  # (B,)
         neg_ids = sample_negative_prototypes(pos_ids, c.num_prototypes, r, generator)
         proto_logits = protonce_logits(q, c.prototypes, c.phi, pos_ids, neg_ids)
         proto_losses.append(F.cross_entropy(proto_logits, target))

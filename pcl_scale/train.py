@@ -36,8 +36,9 @@ from pcl_scale.data import (
 )
 from pcl_scale.distributed import Comm
 from pcl_scale.errors import UserError
-from pcl_scale.estep import ExtractOptions, extract_shard, gather_by_index, run_estep
+from pcl_scale.estep import ExtractOptions, choose_mode, extract_shard, gather_by_index, run_estep
 from pcl_scale.export import export_backbone, push_to_hub
+from pcl_scale.kmeans import faiss_available
 from pcl_scale.loss import LossOutput, pcl_loss
 from pcl_scale.metrics import kmeans_scores, knn_accuracy
 from pcl_scale.model import BackboneSpec, PCLModel
@@ -267,7 +268,15 @@ def estep(
         backend=cfg.estep.backend,
         init=cfg.estep.init,
     )
-    clusters, _ = run_estep(
+    mode = choose_mode(
+        cfg.estep.mode,
+        len(eval_view),
+        cfg.model.dim,
+        comm.world_size,
+        cfg.estep.backend != "torch" and faiss_available(),
+        int(cfg.estep.gather_max_gib * 2**30),
+    )
+    clusters = run_estep(
         inner.embed,
         eval_view,
         comm,
@@ -275,15 +284,17 @@ def estep(
         cfg.pcl.num_clusters,
         cfg.pcl.temperature,
         kmeans_kwargs,
+        mode,
     )
     inner.train()
     record: dict[str, Any] = {
         "event": "estep",
         "epoch": epoch,
+        "mode": mode,
         "seconds": time.perf_counter() - start,
     }
     for m, c in enumerate(clusters.clusterings):
-        sizes = torch.bincount(c.assignments, minlength=c.num_prototypes)
+        sizes = torch.bincount(c.assignments.long(), minlength=c.num_prototypes)
         record[f"k{m}_empty"] = int((sizes == 0).sum())
         record[f"k{m}_max_size"] = int(sizes.max())
         record[f"k{m}_phi_min"] = float(c.phi.min())

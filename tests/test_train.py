@@ -148,32 +148,89 @@ def test_corrupt_image_stops_training_with_its_index(tmp_path, capsys):
     assert not (out / "checkpoints").exists()
 
 
-@pytest.mark.dist
-def test_two_processes_train_end_to_end_with_identical_clusters(tmp_path, tiny_dataset_dir):
+def launch_and_dump(tmp_path, tiny_dataset_dir, launcher_args, port, **extra):
+    """Start ``launcher_args`` (one accelerate launch per entry) and wait for all of them."""
     dump = tmp_path / "dump"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
-        "--main_process_port",
-        "29533",
-        str(ROOT / "tests" / "scripts" / "train_and_dump.py"),
-        str(dump),
-        *tiny_overrides(tiny_dataset_dir, tmp_path / "run", **{"optim.batch_size": 16}),
-    ]
+    overrides = tiny_overrides(
+        tiny_dataset_dir, tmp_path / "run", **{"optim.batch_size": 16, **extra}
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                *args,
+                "--main_process_port",
+                str(port),
+                str(ROOT / "tests" / "scripts" / "train_and_dump.py"),
+                str(dump),
+                *overrides,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for args in launcher_args
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
     histories = [json.loads((dump / f"history_rank{r}.json").read_text()) for r in (0, 1)]
-    estep_epochs = [r["epoch"] for r in histories[0] if r.get("event") == "estep"]
-    assert estep_epochs == [1, 2]
-    assert all(math.isfinite(v) for v in losses(histories[0]))
-    assert losses(histories[0]) == losses(histories[1])  # logged means are reduced over ranks
-    c0 = load_file(str(dump / "clusters_rank0.safetensors"))
-    c1 = load_file(str(dump / "clusters_rank1.safetensors"))
+    calls = [json.loads((dump / f"calls_rank{r}.json").read_text()) for r in (0, 1)]
+    clusters = [load_file(str(dump / f"clusters_rank{r}.safetensors")) for r in (0, 1)]
+    return histories, calls, clusters
+
+
+def assert_identical(c0, c1):
     assert c0.keys() == c1.keys() and len(c0) == 6
     for key in c0:
         assert torch.equal(c0[key], c1[key]), key
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("mode", ["gather", "sharded"])
+def test_two_processes_train_end_to_end_with_identical_clusters(tmp_path, tiny_dataset_dir, mode):
+    config = str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")
+    histories, calls, clusters = launch_and_dump(
+        tmp_path, tiny_dataset_dir, [["--config_file", config]], 29533, **{"estep.mode": mode}
+    )
+    estep_records = [r for r in histories[0] if r.get("event") == "estep"]
+    assert [r["epoch"] for r in estep_records] == [1, 2]
+    assert {r["mode"] for r in estep_records} == {mode}
+    assert all(math.isfinite(v) for v in losses(histories[0]))
+    assert losses(histories[0]) == losses(histories[1])  # logged means are reduced over ranks
+    assert_identical(*clusters)
+    if mode == "gather":  # two E-steps, clustered on rank 0 only
+        assert [c["cluster_features"] for c in calls] == [2, 0]
+    else:
+        assert [c["cluster_sharded"] for c in calls] == [2, 2]
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.dist
+def test_two_nodes_cluster_once_on_global_rank_0(tmp_path, tiny_dataset_dir):
+    """Two `accelerate launch` invocations, 2 machines of 1 process each, on 127.0.0.1."""
+    common = [
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "2",
+        "--main_process_ip",
+        "127.0.0.1",
+    ]
+    histories, calls, clusters = launch_and_dump(
+        tmp_path,
+        tiny_dataset_dir,
+        [[*common, "--machine_rank", "0"], [*common, "--machine_rank", "1"]],
+        29544,
+        **{"estep.mode": "gather"},
+    )
+    # each node's local rank 0 is a "local main process"; only global rank 0 clusters
+    assert [c["cluster_features"] for c in calls] == [2, 0]
+    assert_identical(*clusters)
+    assert losses(histories[0]) == losses(histories[1])
