@@ -61,7 +61,9 @@ def test_resume_equals_straight_run(tmp_path, tiny_dataset_dir):
 
 def test_checkpoints_are_complete_and_pruned(tmp_path, tiny_dataset_dir):
     out = tmp_path / "run"
-    train(load_config(None, tiny_overrides(tiny_dataset_dir, out, **{"run.keep_checkpoints": 2})))
+    extra = {"run.keep_checkpoints": 2, "run.mixed_precision": "bf16"}  # bf16 autocast on CPU
+    result = train(load_config(None, tiny_overrides(tiny_dataset_dir, out, **extra)))
+    assert all(math.isfinite(v) for v in losses(result.history))
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept == ["epoch_0002", "epoch_0003"]
     last = out / "checkpoints" / "epoch_0003"
@@ -75,8 +77,11 @@ def test_checkpoints_are_complete_and_pruned(tmp_path, tiny_dataset_dir):
 
 def test_export_loads_into_plain_torchvision_with_same_embeddings(tmp_path, tiny_dataset_dir):
     out = tmp_path / "run"
-    cfg = load_config(None, tiny_overrides(tiny_dataset_dir, out, **{"optim.epochs": 2}))
+    extra = {"optim.epochs": 2, "optim.batch_size": 16, "optim.grad_accum": 2}
+    cfg = load_config(None, tiny_overrides(tiny_dataset_dir, out, **extra))
     result = train(cfg)
+    steps = [r["step"] for r in result.history if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # 3 optimizer steps of 2 micro-batches per epoch
     assert result.export_dir == out / "export"
     plain = torchvision.models.resnet18()
     plain.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
@@ -94,6 +99,20 @@ def test_export_loads_into_plain_torchvision_with_same_embeddings(tmp_path, tiny
     config = json.loads((out / "export" / "config.json").read_text())
     assert config["library"] == "torchvision" and config["small_stem"] is True
     assert "model.load_state_dict" in (out / "export" / "README.md").read_text()
+
+
+def test_vit_backbone_trains_through_the_e_step(tmp_path, tiny_dataset_dir):
+    extra = {
+        "model.backbone": "vit_tiny",
+        "model.patch_size": 4,
+        "optim.epochs": 2,
+        "run.max_steps_per_epoch": 2,
+    }
+    result = train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "vit", **extra)))
+    assert [r["epoch"] for r in result.history if r.get("event") == "estep"] == [1]
+    assert all(math.isfinite(v) for v in losses(result.history))
+    config = json.loads((tmp_path / "vit" / "export" / "config.json").read_text())
+    assert config["library"] == "timm" and config["create_model_kwargs"]["patch_size"] == 4
 
 
 def test_vit_export_loads_into_plain_timm(tmp_path):

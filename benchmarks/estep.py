@@ -1,0 +1,200 @@
+"""E-step benchmark: extraction vs raw inference, clustering per mode/backend, phi; 1 and 2 processes.
+
+CPU (default; 2 processes of 1 thread each are compared with 1 process of 2 threads):
+
+    python benchmarks/estep.py                             # N = 200,000, K = 1,000/2,000/4,000
+    python benchmarks/estep.py --n 50000 --extract-n 4096  # quicker
+
+GPU variant (one GPU; N = 1,281,167 unit vectors, K = 25k/50k/100k, 20 iterations, torch backend
+vs faiss-gpu when installed; no extraction part):
+
+    python benchmarks/estep.py --device cuda --n 1281167 --ks 25000 50000 100000 --extract-n 0
+
+Extraction runs the E-step's own code path (strided shard, DataLoader, index bookkeeping,
+gather by index) over synthetic images; "raw inference" runs the same encoder over the same
+images already batched in memory. Clustering times are for all granularities together; phi is
+timed separately. In the 2-process rows the E-step is split across two gloo processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from pcl_scale.concentration import concentration
+from pcl_scale.distributed import Comm
+from pcl_scale.estep import ExtractOptions, cluster_sharded, extract_shard, gather_by_index
+from pcl_scale.kmeans import Backend, faiss_available, kmeans
+from pcl_scale.model import BackboneSpec, PCLModel
+
+
+class SyntheticImages(Dataset):
+    """Deterministic random images, returned with their index like ``IndexedImages``."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        g = torch.Generator().manual_seed(i)
+        return torch.rand(3, self.size, self.size, generator=g), i
+
+
+def unit_vectors(n: int, d: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(1000, d, generator=g), dim=1)
+    x = centres[torch.randint(1000, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
+    return F.normalize(x, dim=1)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def extraction(args: argparse.Namespace, comm: Comm, device: torch.device) -> dict[str, float]:
+    model = PCLModel(BackboneSpec("resnet18", small_stem=True), queue_size=8).to(device).eval()
+    data = SyntheticImages(args.extract_n, args.image_size)
+    opts = ExtractOptions(args.batch_size, 0, device)
+    comm.barrier()
+    t0 = time.perf_counter()
+    idx, feats = extract_shard(model.embed, data, comm, opts)
+    gather_by_index(idx, feats, len(data), comm)
+    comm.barrier()
+    t_extract = time.perf_counter() - t0
+    mine = list(range(comm.rank, len(data), comm.world_size))
+    batches = [
+        torch.stack([data[i][0] for i in mine[s : s + args.batch_size]])
+        for s in range(0, len(mine), args.batch_size)
+    ]
+    comm.barrier()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches:
+            model.embed(b.to(device))
+    sync(device)
+    comm.barrier()
+    t_raw = time.perf_counter() - t0
+    return {"extract_img_s": len(data) / t_extract, "raw_img_s": len(data) / t_raw}
+
+
+def clustering(
+    args: argparse.Namespace, comm: Comm, device: torch.device, mode: str, backend: Backend
+) -> dict[str, float]:
+    x = unit_vectors(args.n, args.d)
+    index = torch.arange(comm.rank, args.n, comm.world_size)
+    local = x[index].to(device)
+    kw: dict[str, Any] = {"niter": args.niter, "nredo": 1, "spherical": False, "seed": 0}
+    comm.barrier()
+    sync(device)
+    t0 = time.perf_counter()
+    if mode == "sharded":
+        cluster_sharded(index, local, args.n, comm, args.ks, 0.2, {**kw, "init": "random"})
+        t_phi = float("nan")  # included: phi is computed from all-reduced statistics in the loop
+    else:
+        full = gather_by_index(index, local.cpu(), args.n, comm)
+        t_phi = 0.0
+        if full is not None:
+            full = full.to(device)
+            for m, k in enumerate(args.ks):
+                res = kmeans(full, k, backend=backend, **{**kw, "seed": m})
+                sync(device)
+                t1 = time.perf_counter()
+                concentration(res.distances, res.assignments, k, 0.2)
+                sync(device)
+                t_phi += time.perf_counter() - t1
+        comm.barrier()
+    sync(device)
+    return {"cluster_s": time.perf_counter() - t0, "phi_s": t_phi}
+
+
+def run(args: argparse.Namespace, comm: Comm) -> dict[str, Any]:
+    device = torch.device(args.device)
+    out: dict[str, Any] = {"world": comm.world_size}
+    if args.extract_n:
+        out.update(extraction(args, comm, device))
+    backends: list[Backend] = ["torch", "faiss"] if faiss_available() else ["torch"]
+    for backend in backends:
+        out[f"gather/{backend}"] = clustering(args, comm, device, "gather", backend)
+    if comm.world_size > 1 or args.device == "cuda":
+        out["sharded/torch"] = clustering(args, comm, device, "sharded", "torch")
+    return out
+
+
+def _worker(rank: int, args: argparse.Namespace, init_file: str, result_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        result = run(args, Comm())
+        if rank == 0:
+            Path(result_file).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def print_rows(results: list[dict[str, Any]], ks: list[int]) -> None:
+    print(f"K = {', '.join(f'{k:,}' for k in ks)} (all granularities together)\n")
+    print(
+        "| processes | extraction img/s | raw inference img/s | ratio | mode/backend |"
+        " clustering (s) | phi (s) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        ext = r.get("extract_img_s")
+        raw = r.get("raw_img_s")
+        for key, val in r.items():
+            if "/" not in key:
+                continue
+            cells = [
+                str(r["world"]),
+                f"{ext:.0f}" if ext else "-",
+                f"{raw:.0f}" if raw else "-",
+                f"{ext / raw:.2f}" if ext and raw else "-",
+                key,
+                f"{val['cluster_s']:.2f}",
+                "in clustering" if val["phi_s"] != val["phi_s"] else f"{val['phi_s']:.3f}",
+            ]
+            print("| " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n", type=int, default=200_000)
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--ks", type=int, nargs="+", default=[1000, 2000, 4000])
+    parser.add_argument("--niter", type=int, default=20)
+    parser.add_argument("--extract-n", type=int, default=200_000)
+    parser.add_argument("--image-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=512)
+    args = parser.parse_args()
+
+    results = [run(args, Comm())]
+    if args.device == "cpu":
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+            result_file = os.path.join(tmp, "result.json")
+            mp.spawn(_worker, args=(args, os.path.join(tmp, "init"), result_file), nprocs=2)
+            results.append(json.loads(Path(result_file).read_text()))
+    print(
+        f"# {args.device}, N={args.n:,}, D={args.d}, niter={args.niter}, "
+        f"extraction on {args.extract_n:,} images of {args.image_size} px (ResNet-18 small stem)"
+    )
+    print_rows(results, args.ks)
+
+
+if __name__ == "__main__":
+    main()
