@@ -1,4 +1,4 @@
-"""E-step benchmark: extraction vs raw inference, clustering per mode/backend, phi; 1 and 2 processes.
+"""E-step benchmark: extraction vs raw inference, clustering per mode and backend, and phi.
 
 CPU (default; 2 processes of 1 thread each are compared with 1 process of 2 threads):
 
