@@ -35,7 +35,6 @@ from pcl_scale.data import (
     train_transform,
 )
 from pcl_scale.distributed import Comm
-from pcl_scale.errors import UserError
 from pcl_scale.estep import ExtractOptions, choose_mode, extract_shard, gather_by_index, run_estep
 from pcl_scale.export import export_backbone, push_to_hub
 from pcl_scale.kmeans import faiss_available
@@ -537,4 +536,4 @@ def format_report(evaluation: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["RunResult", "UserError", "format_report", "train"]
+__all__ = ["RunResult", "format_report", "train"]
