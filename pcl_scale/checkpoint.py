@@ -1,9 +1,13 @@
 """Resume checkpoints: written atomically (temporary directory, then rename), the last N kept.
 
-A checkpoint directory ``checkpoints/epoch_XXXX`` holds Accelerate's state (model with queue,
-optimizer, RNG states), ``clusters.safetensors`` (the last E-step's result, when there is one)
-and ``trainer_state.json``, written last: a directory without a readable trainer state is
-incomplete and never resumed from.
+A checkpoint directory ``checkpoints/step_XXXXXXXXX`` (named by optimizer step, so names sort
+in training order) holds Accelerate's state (model with queue, optimizer, RNG states),
+``clusters.safetensors`` (the current E-step result, when there is one) and
+``trainer_state.json``, written last: it records where training stands and the size of every
+other file. A directory is only resumed from when that record reads back and every file has its
+recorded size; ``run.resume=auto`` skips any other with a warning and takes the next older one.
+Checkpoints are written at epoch ends, every ``run.checkpoint_every_steps`` steps, and when a
+SIGTERM/SIGINT asks the run to stop.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +28,22 @@ from pcl_scale.errors import UserError
 
 STATE_FILE = "trainer_state.json"
 CLUSTERS_FILE = "clusters.safetensors"
+PREFIX = "step_"
 
 
 @dataclass
 class TrainState:
-    """Where training stands: the next epoch to run and optimizer steps taken so far."""
+    """Where training stands.
+
+    Attributes:
+        epoch: the epoch in progress (or the next one to run when ``step_in_epoch`` is 0).
+        global_step: optimizer steps taken so far.
+        step_in_epoch: optimizer steps already taken in ``epoch`` (a mid-epoch checkpoint).
+    """
 
     epoch: int = 0
     global_step: int = 0
+    step_in_epoch: int = 0
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -47,7 +60,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a resume checkpoint on every rank's behalf; returns its final path."""
     root = checkpoint_root(run_dir)
-    final = root / f"epoch_{state.epoch:04d}"
+    final = root / f"{PREFIX}{state.global_step:09d}"
     tmp = root / f".tmp-{final.name}"
     if comm.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -58,7 +71,8 @@ def save_checkpoint(
     if comm.is_main:
         if clusters is not None:
             save_file(clusters.state_dict(), str(tmp / CLUSTERS_FILE))
-        _write_json_durably(tmp / STATE_FILE, asdict(state))
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        _write_json_durably(tmp / STATE_FILE, {**asdict(state), "files": sizes})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -75,51 +89,63 @@ def _write_json_durably(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
-    for old in sorted(root.glob("epoch_*"))[:-keep]:
+    for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_state(path: Path) -> TrainState | None:
-    """The trainer state of a complete checkpoint, or None when it is missing or unreadable."""
+def verify(path: Path) -> tuple[TrainState | None, str]:
+    """The trainer state of a complete, undamaged checkpoint, or None and the reason."""
     try:
         raw = json.loads((path / STATE_FILE).read_text())
-        return TrainState(epoch=int(raw["epoch"]), global_step=int(raw["global_step"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        state = TrainState(
+            epoch=int(raw["epoch"]),
+            global_step=int(raw["global_step"]),
+            step_in_epoch=int(raw.get("step_in_epoch", 0)),
+        )
+        files = dict(raw["files"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"no readable {STATE_FILE} ({type(err).__name__})"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            actual = f.stat().st_size if f.is_file() else "missing"
+            return None, f"{name} has size {actual}, expected {size}"
+    return state, ""
 
 
 def find_latest(run_dir: Path) -> Path | None:
-    """Newest complete checkpoint under ``run_dir``, skipping incomplete ones."""
-    for path in sorted(checkpoint_root(run_dir).glob("epoch_*"), reverse=True):
-        if read_state(path) is not None:
+    """Newest undamaged checkpoint under ``run_dir``; damaged ones are skipped with a warning."""
+    for path in sorted(checkpoint_root(run_dir).glob(f"{PREFIX}*"), reverse=True):
+        state, reason = verify(path)
+        if state is not None:
             return path
+        warnings.warn(f"skipping damaged checkpoint {path}: {reason}", stacklevel=2)
     return None
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """Map ``run.resume`` to a checkpoint path ('' = none; 'auto' = latest, if any)."""
+    """Map ``run.resume`` to a checkpoint path ('' = none; 'auto' = latest valid, if any)."""
     if not resume:
         return None
     if resume == "auto":
         return find_latest(run_dir)
     path = Path(resume)
-    if read_state(path) is None:
+    state, reason = verify(path)
+    if state is None:
         raise UserError(
-            f"run.resume={resume!r} is not a complete checkpoint directory (no readable "
-            f"{STATE_FILE}): pass a directory under {checkpoint_root(run_dir)} or 'auto'"
+            f"run.resume={resume!r} is not a complete, undamaged checkpoint ({reason}): pass a "
+            f"directory under {checkpoint_root(run_dir)} or 'auto'"
         )
     return path
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> tuple[TrainState, ClusterResult | None]:
     """Restore Accelerate's state in place; return the trainer state and the cluster result."""
-    state = read_state(path)
+    state, _ = verify(path)
     assert state is not None
     accelerator.load_state(str(path))
     clusters_path = path / CLUSTERS_FILE
-    clusters = (
-        ClusterResult.from_state_dict(load_file(str(clusters_path)))
-        if clusters_path.is_file()
-        else None
-    )
+    clusters = None
+    if clusters_path.is_file():
+        clusters = ClusterResult.from_state_dict(load_file(str(clusters_path)))
     return state, clusters

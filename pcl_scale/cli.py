@@ -11,6 +11,10 @@ from pcl_scale import __version__
 from pcl_scale.errors import UserError
 
 DEFAULT_RECIPE = "configs/digits.yaml"
+# Exit statuses: 0 done; 2 a user error (message on stderr); 3 stopped by SIGTERM/SIGINT after
+# saving a resume checkpoint (run again with run.resume=auto).
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 3
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -39,6 +43,8 @@ def train_main(argv: Sequence[str]) -> int:
 
     cfg = load_config(args.config or _default_recipe(), args.overrides)
     result = train(cfg)
+    if result.interrupted:
+        return EXIT_INTERRUPTED
     if result.evaluation and _is_main():
         print("\nlearned vs raw features:\n" + format_report(result.evaluation))
     if result.export_dir is not None:
@@ -78,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train_main(rest)
     except UserError as err:
         print(f"pcl-scale: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -170,6 +170,9 @@ class RunConfig:
     checkpoint_every: int = field(
         default=5, metadata=_help("save a resume checkpoint every N epochs (and at the end)")
     )
+    checkpoint_every_steps: int = field(
+        default=0, metadata=_help("also save a resume checkpoint every N optimizer steps (0 = off)")
+    )
     keep_checkpoints: int = field(default=3, metadata=_help("resume checkpoints kept"))
     export_every: int = field(
         default=0, metadata=_help("also publish the backbone every N epochs (0 = only at the end)")
@@ -329,6 +332,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         "run.export_every": cfg.run.export_every,
         "run.max_steps_per_epoch": cfg.run.max_steps_per_epoch,
         "pcl.queue_size": cfg.pcl.queue_size,
+        "run.checkpoint_every_steps": cfg.run.checkpoint_every_steps,
     }
     for name, value in non_negative.items():
         if value < 0:

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class DataError(UserError, ValueError):
     """A dataset that cannot be used as asked (missing, empty, wrong column, corrupt image)."""
+
+
+class DivergedError(UserError):
+    """The loss became NaN or Inf; nothing was saved after it."""

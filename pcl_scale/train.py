@@ -9,8 +9,9 @@ published export and the final evaluation follow.
 from __future__ import annotations
 
 import json
-import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from pcl_scale.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
+from pcl_scale.checkpoint import (
+    TrainState,
+    find_latest,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from pcl_scale.clusters import ClusterResult
 from pcl_scale.config import Config, ConfigError, save_config, validate
 from pcl_scale.data import (
@@ -35,6 +42,7 @@ from pcl_scale.data import (
     train_transform,
 )
 from pcl_scale.distributed import Comm
+from pcl_scale.errors import DivergedError
 from pcl_scale.estep import ExtractOptions, choose_mode, extract_shard, gather_by_index, run_estep
 from pcl_scale.export import export_backbone, push_to_hub
 from pcl_scale.kmeans import faiss_available
@@ -59,6 +67,7 @@ class RunResult:
     clusters: ClusterResult | None = None
     evaluation: dict[str, dict[str, float]] | None = None
     export_dir: Path | None = None
+    interrupted: bool = False
 
 
 def derive_seed(*parts: int) -> int:
@@ -98,12 +107,44 @@ def train(cfg: Config) -> RunResult:
     """Train PCL as configured; returns where the run wrote its outputs and what it measured."""
     accelerator = make_accelerator(cfg)
     try:
-        return _train(cfg, accelerator)
+        with StopRequest() as stop:
+            return _train(cfg, accelerator, stop)
     finally:
         shutdown(accelerator)
 
 
-def _train(cfg: Config, accelerator: Any) -> RunResult:
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and returns.
+
+    Every rank checks the flags of all ranks at each step boundary, so all stop at the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signal = signum
+
+    def agreed(self, comm: Comm) -> bool:
+        """True on every rank when any rank has received a stop signal."""
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0])
+        return bool(comm.all_reduce_sum(flag)[0] > 0)
+
+
+def _train(cfg: Config, accelerator: Any, stop: StopRequest) -> RunResult:
     comm = Comm()
     validate(cfg, comm.world_size)
     run_dir = Path(cfg.run.output_dir)
@@ -144,6 +185,7 @@ def _train(cfg: Config, accelerator: Any) -> RunResult:
     resume_path = resolve_resume(cfg.run.resume, run_dir)
     if resume_path is not None:
         state, clusters = load_checkpoint(accelerator, resume_path)
+        clusters = clusters.to(accelerator.device) if clusters is not None else None
         accelerator.print(f"resumed from {resume_path} at epoch {state.epoch}")
 
     logger = JsonlLogger(run_dir / METRICS_FILE, accelerator, comm.is_main)
@@ -156,17 +198,31 @@ def _train(cfg: Config, accelerator: Any) -> RunResult:
     )
     start_epoch = state.epoch
     for epoch in range(start_epoch, cfg.optim.epochs):
-        if epoch >= cfg.pcl.warmup_epochs:
+        mid_epoch = state.step_in_epoch > 0  # resumed from a mid-epoch checkpoint
+        if epoch < cfg.pcl.warmup_epochs:
+            clusters = None
+        elif not (mid_epoch and clusters is not None):  # else: this epoch's saved E-step result
             clusters = estep(
                 cfg, accelerator, model, eval_view, comm, extract, logger, epoch, state
             )
-        else:
-            clusters = None
-        loader = make_loader(cfg, train_view, comm, local_batch, epoch)
-        train_one_epoch(
-            cfg, accelerator, model, optimizer, loader, clusters, comm, logger, state, epoch
+        loader = make_loader(
+            cfg,
+            train_view,
+            comm,
+            local_batch,
+            epoch,
+            skip=state.step_in_epoch * cfg.optim.grad_accum,
         )
-        state.epoch = epoch + 1
+        ctx = EpochContext(cfg, accelerator, model, optimizer, clusters, comm, logger, state, epoch)
+        if not train_one_epoch(ctx, loader, stop, run_dir):
+            accelerator.print(
+                f"stopped by signal {stop.signal} at step {state.global_step}; resume with "
+                f"run.resume=auto (run directory {run_dir})"
+            )
+            return RunResult(
+                run_dir, epoch - start_epoch, logger.records, clusters, interrupted=True
+            )
+        state.epoch, state.step_in_epoch = epoch + 1, 0
         last = state.epoch == cfg.optim.epochs
         if last or state.epoch % cfg.run.checkpoint_every == 0:
             save_checkpoint(accelerator, run_dir, state, clusters, cfg.run.keep_checkpoints, comm)
@@ -215,9 +271,13 @@ def _unwrap(accelerator: Any, model: Any) -> PCLModel:
 
 
 def make_loader(
-    cfg: Config, view: IndexedImages, comm: Comm, local_batch: int, epoch: int
+    cfg: Config, view: IndexedImages, comm: Comm, local_batch: int, epoch: int, skip: int = 0
 ) -> DataLoader:
-    """This rank's shuffled loader for one epoch; order and augmentations follow (seed, epoch)."""
+    """This rank's shuffled loader for one epoch; order and augmentations follow (seed, epoch).
+
+    ``skip`` micro-batches are dropped from the front (a mid-epoch resume): the order of the rest
+    is unchanged, and the RNG state restored from the checkpoint continues the augmentations.
+    """
     sampler: DistributedSampler[int] = DistributedSampler(
         view,
         num_replicas=comm.world_size,
@@ -227,15 +287,19 @@ def make_loader(
         drop_last=True,
     )
     sampler.set_epoch(epoch)
-    seed_everything(derive_seed(cfg.run.seed, 1, epoch, 0, comm.rank))  # augmentations, workers=0
+    if skip == 0:
+        seed_everything(derive_seed(cfg.run.seed, 1, epoch, 0, comm.rank))  # workers=0 views
+    order = list(sampler)[skip * local_batch :]
     return DataLoader(
         view,
         batch_size=local_batch,
-        sampler=sampler,
+        sampler=order,
         num_workers=cfg.data.num_workers,
         drop_last=True,
         worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(derive_seed(cfg.run.seed, 2, epoch, 0, comm.rank)),
+        generator=torch.Generator().manual_seed(
+            derive_seed(cfg.run.seed, 2, epoch, skip, comm.rank)
+        ),
         persistent_workers=False,
     )
 
@@ -306,96 +370,107 @@ def estep(
 # M-step
 
 
+@dataclass
+class EpochContext:
+    """What one epoch of M-steps works with (the loop's state, in one argument)."""
+
+    cfg: Config
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    clusters: ClusterResult | None
+    comm: Comm
+    logger: JsonlLogger
+    state: TrainState
+    epoch: int
+
+
 def train_one_epoch(
-    cfg: Config,
-    accelerator: Any,
-    model: Any,
-    optimizer: Any,
-    loader: DataLoader,
-    clusters: ClusterResult | None,
-    comm: Comm,
-    logger: JsonlLogger,
-    state: TrainState,
-    epoch: int,
-) -> None:
-    inner = _unwrap(accelerator, model)
-    model.train()
-    steps = len(loader) // cfg.optim.grad_accum
+    ctx: EpochContext, loader: DataLoader, stop: StopRequest, run_dir: Path
+) -> bool:
+    """M-step iterations of one epoch, from ``state.step_in_epoch`` on.
+
+    Returns False when a stop signal ended the epoch early (after saving a checkpoint).
+    """
+    cfg, state, comm = ctx.cfg, ctx.state, ctx.comm
+    inner = _unwrap(ctx.accelerator, ctx.model)
+    ctx.model.train()
+    accum = cfg.optim.grad_accum
+    per_rank = len(loader.sampler) + state.step_in_epoch * accum * loader.batch_size  # type: ignore[arg-type, operator]
+    steps = per_rank // (loader.batch_size * accum)  # type: ignore[operator]
     if cfg.run.max_steps_per_epoch:
         steps = min(steps, cfg.run.max_steps_per_epoch)
-    meter = Meter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not comm.is_main, leave=False)
+    meter = Meter(ctx.accelerator.device)
+    bar = tqdm(
+        total=steps,
+        initial=state.step_in_epoch,
+        desc=f"epoch {ctx.epoch}",
+        disable=not comm.is_main,
+        leave=False,
+    )
     lr = cfg.optim.lr
     for micro, ((im_q, im_k), index) in enumerate(loader):
-        if micro // cfg.optim.grad_accum >= steps:
+        done = state.step_in_epoch  # optimizer steps finished in this epoch
+        if done >= steps:
             break
-        first_micro = micro % cfg.optim.grad_accum == 0
-        if first_micro:
+        if micro % accum == 0:
             inner.momentum_update(cfg.pcl.momentum)
             lr = learning_rate(
                 cfg.optim.lr,
-                epoch + (micro // cfg.optim.grad_accum) / max(steps, 1),
+                ctx.epoch + done / max(steps, 1),
                 cfg.optim.epochs,
                 cfg.optim.schedule,
                 cfg.optim.milestones,
                 cfg.optim.gamma,
             )
-            for group in optimizer.param_groups:
+            for group in ctx.optimizer.param_groups:
                 group["lr"] = lr
-        out = train_step(
-            cfg,
-            accelerator,
-            model,
-            inner,
-            optimizer,
-            im_q,
-            im_k,
-            index,
-            clusters,
-            comm,
-            state,
-            epoch,
-        )
-        meter.add(out)
-        if (micro + 1) % cfg.optim.grad_accum == 0:
-            state.global_step += 1
-            bar.update(1)
-            done = (micro + 1) // cfg.optim.grad_accum
-            if state.global_step % cfg.run.log_every == 0 or done == steps:
-                record = meter.summary(accelerator)
-                record.update(epoch=epoch, step=state.global_step, lr=lr)
-                logger.log(record, step=state.global_step)
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-                meter = Meter()
+        out = train_step(ctx, inner, im_q, im_k, index)
+        meter.add(out, state.global_step + 1)
+        if (micro + 1) % accum:
+            continue
+        state.global_step += 1
+        state.step_in_epoch += 1
+        bar.update(1)
+        finished = state.step_in_epoch == steps
+        if state.global_step % cfg.run.log_every == 0 or finished:
+            record = meter.summary(ctx.accelerator, comm, run_dir)
+            record.update(epoch=ctx.epoch, step=state.global_step, lr=lr)
+            ctx.logger.log(record, step=state.global_step)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            meter = Meter(ctx.accelerator.device)
+        if finished:
+            break
+        every = cfg.run.checkpoint_every_steps
+        stopping = stop.agreed(comm)
+        if stopping or (every and state.global_step % every == 0):
+            meter.raise_if_diverged(comm, run_dir)  # never checkpoint a diverged model
+            save_checkpoint(
+                ctx.accelerator, run_dir, state, ctx.clusters, cfg.run.keep_checkpoints, comm
+            )
+        if stopping:
+            bar.close()
+            return False
     bar.close()
+    return True
 
 
 def train_step(
-    cfg: Config,
-    accelerator: Any,
-    model: Any,
-    inner: PCLModel,
-    optimizer: Any,
-    im_q: Tensor,
-    im_k: Tensor,
-    index: Tensor,
-    clusters: ClusterResult | None,
-    comm: Comm,
-    state: TrainState,
-    epoch: int,
+    ctx: EpochContext, inner: PCLModel, im_q: Tensor, im_k: Tensor, index: Tensor
 ) -> LossOutput:
     """One micro-batch: keys (shuffled BN across ranks), loss, backward, step, enqueue."""
+    cfg, accelerator, comm = ctx.cfg, ctx.accelerator, ctx.comm
     device = accelerator.device
     im_q, im_k, index = im_q.to(device), im_k.to(device), index.to(device)
-    step_seed = derive_seed(cfg.run.seed, 3, epoch, state.global_step, 0)
-    with accelerator.accumulate(model), accelerator.autocast():
-        q, _ = model(im_q)
+    step_seed = derive_seed(cfg.run.seed, 3, ctx.epoch, ctx.state.global_step, 0)
+    with accelerator.accumulate(ctx.model), accelerator.autocast():
+        q, _ = ctx.model(im_q)
         k = shuffled_keys(inner.embed, im_k, comm, torch.Generator().manual_seed(step_seed))
         gen = torch.Generator(device=device).manual_seed(derive_seed(step_seed, comm.rank))
-        out = pcl_loss(q, k, inner.queue, index, cfg.pcl.temperature, clusters, cfg.pcl.r, gen)
+        out = pcl_loss(q, k, inner.queue, index, cfg.pcl.temperature, ctx.clusters, cfg.pcl.r, gen)
         accelerator.backward(out.loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        ctx.optimizer.step()
+        ctx.optimizer.zero_grad(set_to_none=True)
     inner.enqueue(comm.all_gather_cat(k.float()))
     return out
 
@@ -421,33 +496,46 @@ def shuffled_keys(
 
 
 class Meter:
-    """Running means of the logged terms over a logging interval, averaged over ranks."""
+    """Sums of the logged terms over a logging interval, kept on the device (no per-step sync).
+
+    It also remembers the first step whose loss was not finite; :meth:`summary` (and
+    :meth:`raise_if_diverged`) stop the run there, before anything else is saved.
+    """
 
     KEYS = ("loss", "loss_inst", "loss_proto", "acc_inst", "acc_proto")
 
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+    def __init__(self, device: torch.device) -> None:
+        self.sums: dict[str, Tensor] = {}
         self.count = 0
+        self.first_bad = torch.full((1,), -1, dtype=torch.long, device=device)
 
-    def add(self, out: LossOutput) -> None:
+    def add(self, out: LossOutput, step: int) -> None:
         self.count += 1
         for key in self.KEYS:
             value = getattr(out, key)
             if value is not None:
-                self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+                self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+        bad = ~torch.isfinite(out.loss.detach()) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
 
-    def summary(self, accelerator: Any) -> dict[str, Any]:
+    def raise_if_diverged(self, comm: Comm, run_dir: Path) -> None:
+        steps = [int(s) for s in comm.all_gather_cat(self.first_bad.cpu()) if s >= 0]
+        if steps:
+            last = find_latest(run_dir)
+            raise DivergedError(
+                f"the loss became NaN or Inf at step {min(steps)}: training stopped without "
+                f"saving. Last good checkpoint: {last or 'none'}. Resume from it "
+                f"(run.resume=auto) with a lower optim.lr, or with run.mixed_precision='no'."
+            )
+
+    def summary(self, accelerator: Any, comm: Comm, run_dir: Path) -> dict[str, Any]:
+        self.raise_if_diverged(comm, run_dir)
         keys = sorted(self.sums)
-        local = torch.tensor(
-            [self.sums[k] / max(self.count, 1) for k in keys], device=accelerator.device
-        )
+        local = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
         mean = (
             accelerator.reduce(local, reduction="mean") if accelerator.num_processes > 1 else local
         )
-        record = {k: float(v) for k, v in zip(keys, mean.tolist(), strict=True)}
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"the loss is {record['loss']}: training diverged")
-        return record
+        return {k: float(v) for k, v in zip(keys, mean.tolist(), strict=True)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ def test_resume_equals_straight_run(tmp_path, tiny_dataset_dir):
     # a run that stopped after 2 epochs: its checkpoint directory, without the third epoch
     resumed_dir = tmp_path / "b"
     shutil.copytree(
-        tmp_path / "a" / "checkpoints" / "epoch_0002", resumed_dir / "checkpoints" / "epoch_0002"
+        tmp_path / "a" / "checkpoints" / "step_000000006",  # end of epoch 2 (3 steps per epoch)
+        resumed_dir / "checkpoints" / "step_000000006",
     )
     resumed = train(
         load_config(None, tiny_overrides(tiny_dataset_dir, resumed_dir, **{"run.resume": "auto"}))
@@ -65,8 +66,8 @@ def test_checkpoints_are_complete_and_pruned(tmp_path, tiny_dataset_dir):
     result = train(load_config(None, tiny_overrides(tiny_dataset_dir, out, **extra)))
     assert all(math.isfinite(v) for v in losses(result.history))
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert kept == ["epoch_0002", "epoch_0003"]
-    last = out / "checkpoints" / "epoch_0003"
+    assert kept == ["step_000000006", "step_000000009"]
+    last = out / "checkpoints" / "step_000000009"
     assert json.loads((last / "trainer_state.json").read_text())["epoch"] == 3
     clusters = ClusterResult.from_state_dict(load_file(str(last / "clusters.safetensors")))
     assert [c.num_prototypes for c in clusters.clusterings] == [12, 16]
@@ -90,7 +91,7 @@ def test_export_loads_into_plain_torchvision_with_same_embeddings(tmp_path, tiny
     plain.load_state_dict(load_file(str(out / "export" / "model.safetensors")), strict=True)
 
     trained = build_model(cfg)  # the final resume checkpoint holds the trained model
-    state = load_file(str(out / "checkpoints" / "epoch_0002" / "model.safetensors"))
+    state = load_file(str(out / "checkpoints" / "step_000000006" / "model.safetensors"))
     trained.load_state_dict(state, strict=True)
     x = torch.randn(4, 3, 8, 8)
     plain.eval()

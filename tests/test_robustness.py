@@ -1,0 +1,131 @@
+"""Interruptions, divergence and reproducibility on tiny data (1 process)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pcl_scale.cli import EXIT_INTERRUPTED, main
+from pcl_scale.config import load_config, save_config
+from pcl_scale.train import train
+
+from .conftest import ROOT, tiny_overrides
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def step_losses(history):
+    return {r["step"]: r["loss"] for r in history if "loss" in r}
+
+
+STEPS = {"run.checkpoint_every_steps": 2, "run.keep_checkpoints": 10}
+
+
+def test_same_seed_same_trajectory_and_mid_epoch_resume_continues_it(tmp_path, tiny_dataset_dir):
+    a = train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "a", **STEPS)))
+    b = train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "b", **STEPS)))
+    assert step_losses(a.history) == step_losses(b.history)  # bitwise, one process
+    names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert names == [f"step_{s:09d}" for s in (2, 3, 4, 6, 8, 9)]
+    # step 4: 1 step into epoch 1 (warm-up over, E-step result saved); step 8: 2 into epoch 2
+    for mid in (4, 8):
+        run = tmp_path / f"resume{mid}"
+        shutil.copytree(
+            tmp_path / "a" / "checkpoints" / f"step_{mid:09d}",
+            run / "checkpoints" / f"step_{mid:09d}",
+        )
+        state = json.loads(
+            (run / "checkpoints" / f"step_{mid:09d}" / "trainer_state.json").read_text()
+        )
+        assert state["step_in_epoch"] == {4: 1, 8: 2}[mid]
+        resumed = train(
+            load_config(
+                None, tiny_overrides(tiny_dataset_dir, run, **{**STEPS, "run.resume": "auto"})
+            )
+        )
+        expected = {s: v for s, v in step_losses(a.history).items() if s > mid}
+        assert step_losses(resumed.history) == expected
+        # the resumed epoch reused its saved E-step result instead of clustering again
+        assert [r["epoch"] for r in resumed.history if r.get("event") == "estep"] == (
+            [2] if mid == 4 else []
+        )
+
+
+def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, tiny_dataset_dir):
+    out = tmp_path / "run"
+    train(load_config(None, tiny_overrides(tiny_dataset_dir, out, **STEPS, **{"optim.epochs": 2})))
+    newest = out / "checkpoints" / "step_000000006"
+    with open(newest / "model.safetensors", "r+b") as fh:  # truncate, as a full disk would
+        fh.truncate(100)
+    from pcl_scale.checkpoint import find_latest
+
+    with pytest.warns(
+        UserWarning, match="skipping damaged checkpoint.*model.safetensors has size 100"
+    ):
+        assert find_latest(out) == out / "checkpoints" / "step_000000004"
+    (out / "checkpoints" / ".tmp-step_000000007").mkdir()  # an interrupted write
+    with pytest.warns(UserWarning):
+        assert find_latest(out) == out / "checkpoints" / "step_000000004"
+
+
+def test_diverging_loss_stops_without_saving(tmp_path, tiny_dataset_dir, capsys):
+    out = tmp_path / "run"
+    args = tiny_overrides(
+        tiny_dataset_dir,
+        out,
+        **{"optim.lr": 1e30, "optim.schedule": "step", "run.checkpoint_every": 1},
+    )
+    code = main(["train", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "became NaN or Inf at step" in err and "Traceback" not in err
+    bad_step = int(err.split("at step ")[1].split(":")[0])
+    saved = (
+        [int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*")]
+        if (out / "checkpoints").exists()
+        else []
+    )
+    assert all(s < bad_step for s in saved)
+
+
+def test_sigterm_saves_and_resume_finishes_the_same_run(tmp_path, tiny_dataset_dir):
+    extra = {"optim.epochs": 4, "run.max_steps_per_epoch": 0, "run.checkpoint_every": 100}
+    straight = train(
+        load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "straight", **extra))
+    )
+    out = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"  # the CLI without --config would read configs/digits.yaml
+    save_config(load_config(None, tiny_overrides(tiny_dataset_dir, out, **extra)), recipe)
+    cmd = [sys.executable, "-m", "pcl_scale.cli", "train", "--config", str(recipe)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, err[-2000:]
+    assert "stopped by signal" in err + _
+    saved = sorted((out / "checkpoints").glob("step_*"))
+    assert len(saved) == 1
+    stopped_at = int(saved[0].name.split("_")[1])
+    resumed = train(
+        load_config(None, tiny_overrides(tiny_dataset_dir, out, **extra, **{"run.resume": "auto"}))
+    )
+    expected = {s: v for s, v in step_losses(straight.history).items() if s > stopped_at}
+    assert step_losses(resumed.history) == pytest.approx(expected, rel=1e-6)
+    assert max(expected) == 24
