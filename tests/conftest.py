@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +89,51 @@ def tiny_overrides(data_dir: Path, out_dir: Path, **extra: object) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def launch_commands(
+    tmp_path: Path, data_dir: Path, launcher_args, port: int, out_dir: Path, dump: Path, **extra
+):
+    """One ``accelerate launch`` command line per entry of ``launcher_args`` (train_and_dump.py)."""
+    overrides = tiny_overrides(data_dir, out_dir, **{"optim.batch_size": 16, **extra})
+    return [
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *args,
+            "--main_process_port",
+            str(port),
+            str(ROOT / "tests" / "scripts" / "train_and_dump.py"),
+            str(dump),
+            *overrides,
+        ]
+        for args in launcher_args
+    ]
+
+
+def launch_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def launch_and_dump(tmp_path, tiny_dataset_dir, launcher_args, port, out_dir=None, **extra):
+    """Start the launches, wait for all, and read what each of the 2 ranks dumped."""
+    from safetensors.torch import load_file
+
+    dump = tmp_path / "dump"
+    cmds = launch_commands(
+        tmp_path, tiny_dataset_dir, launcher_args, port, out_dir or tmp_path / "run", dump, **extra
+    )
+    procs = [
+        subprocess.Popen(
+            c, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for c in cmds
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+    histories = [json.loads((dump / f"history_rank{r}.json").read_text()) for r in (0, 1)]
+    calls = [json.loads((dump / f"calls_rank{r}.json").read_text()) for r in (0, 1)]
+    clusters = [load_file(str(dump / f"clusters_rank{r}.safetensors")) for r in (0, 1)]
+    return histories, calls, clusters

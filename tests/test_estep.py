@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ def features(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, n: int, ks: list[int]) -> None:
+    torch.set_num_threads(1)  # two processes on two cores
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         comm = Comm()
@@ -59,7 +59,6 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, n: int, ks: lis
 
 
 def run_two_processes(tmp_path: Path, n: int, ks: list[int]) -> dict[str, list[ClusterResult]]:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), n, ks), nprocs=2, join=True)
     return {
         mode: [

@@ -1,5 +1,6 @@
 """Interruptions, divergence and reproducibility on tiny data (1 process)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -8,13 +9,15 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
+import torch
 
 from pcl_scale.cli import EXIT_INTERRUPTED, main
 from pcl_scale.config import load_config, save_config
 from pcl_scale.train import train
 
-from .conftest import ROOT, tiny_overrides
+from .conftest import ROOT, launch_and_dump, launch_commands, launch_env, tiny_overrides
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +111,8 @@ def test_sigterm_saves_and_resume_finishes_the_same_run(tmp_path, tiny_dataset_d
     recipe = tmp_path / "recipe.yaml"  # the CLI without --config would read configs/digits.yaml
     save_config(load_config(None, tiny_overrides(tiny_dataset_dir, out, **extra)), recipe)
     cmd = [sys.executable, "-m", "pcl_scale.cli", "train", "--config", str(recipe)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # same thread count as this process: float reductions, hence losses, then match bit for bit
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
@@ -129,3 +133,54 @@ def test_sigterm_saves_and_resume_finishes_the_same_run(tmp_path, tiny_dataset_d
     expected = {s: v for s, v in step_losses(straight.history).items() if s > stopped_at}
     assert step_losses(resumed.history) == pytest.approx(expected, rel=1e-6)
     assert max(expected) == 24
+
+
+@pytest.mark.dist
+def test_sigkill_two_processes_then_resume_matches_uninterrupted(tmp_path, tiny_dataset_dir):
+    config = ["--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")]
+    extra = {
+        "optim.epochs": 8,
+        "run.max_steps_per_epoch": 0,
+        "run.checkpoint_every_steps": 1,
+        "run.keep_checkpoints": 3,
+    }
+    straight, _, straight_clusters = launch_and_dump(
+        tmp_path / "a", tiny_dataset_dir, [config], 29561, **extra
+    )
+    out = tmp_path / "killed"
+    (cmd,) = launch_commands(
+        tmp_path, tiny_dataset_dir, [config], 29562, out, tmp_path / "x", **extra
+    )
+    proc = subprocess.Popen(
+        cmd, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "checkpoints").glob("step_00000000[5-9]")):
+        time.sleep(0.05)
+    # SIGKILL every process of the launch at once, as a scheduler does (the workers run in
+    # their own sessions, so killing the launcher's process group is not enough)
+    victims = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    for pid in victims[1:]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).wait(timeout=60)
+    assert not (out / "export").exists(), "the run finished before it was killed"
+    resumed, _, resumed_clusters = launch_and_dump(
+        tmp_path / "b",
+        tiny_dataset_dir,
+        [config],
+        29563,
+        out_dir=out,
+        **{**extra, "run.resume": "auto"},
+    )
+    first = min(step_losses(resumed[0]))
+    assert 6 <= first <= 24
+    expected = {s: v for s, v in step_losses(straight[0]).items() if s >= first}
+    assert step_losses(resumed[0]) == pytest.approx(expected, rel=1e-5)
+    for key, value in straight_clusters[0].items():
+        assert torch.equal(value, resumed_clusters[0][key]) or torch.allclose(
+            value.float(), resumed_clusters[0][key].float(), atol=1e-5
+        ), key

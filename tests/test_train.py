@@ -2,10 +2,7 @@
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -21,7 +18,7 @@ from pcl_scale.export import export_backbone
 from pcl_scale.model import BackboneSpec, PCLModel
 from pcl_scale.train import build_model, train
 
-from .conftest import ROOT, make_hf_dataset, tiny_overrides
+from .conftest import ROOT, launch_and_dump, make_hf_dataset, tiny_overrides
 
 
 @pytest.fixture(autouse=True)
@@ -166,42 +163,6 @@ def test_corrupt_image_stops_training_with_its_index(tmp_path, capsys):
     code, err, out = run_cli(tmp_path, bad, capsys, **{"run.max_steps_per_epoch": 0})
     assert code == 2 and "dataset index 7" in err and "Traceback" not in err
     assert not (out / "checkpoints").exists()
-
-
-def launch_and_dump(tmp_path, tiny_dataset_dir, launcher_args, port, **extra):
-    """Start ``launcher_args`` (one accelerate launch per entry) and wait for all of them."""
-    dump = tmp_path / "dump"
-    overrides = tiny_overrides(
-        tiny_dataset_dir, tmp_path / "run", **{"optim.batch_size": 16, **extra}
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                *args,
-                "--main_process_port",
-                str(port),
-                str(ROOT / "tests" / "scripts" / "train_and_dump.py"),
-                str(dump),
-                *overrides,
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for args in launcher_args
-    ]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out[-3000:]
-    histories = [json.loads((dump / f"history_rank{r}.json").read_text()) for r in (0, 1)]
-    calls = [json.loads((dump / f"calls_rank{r}.json").read_text()) for r in (0, 1)]
-    clusters = [load_file(str(dump / f"clusters_rank{r}.safetensors")) for r in (0, 1)]
-    return histories, calls, clusters
 
 
 def assert_identical(c0, c1):
