@@ -56,6 +56,13 @@ class DataConfig:
     crop_min_scale: float = field(default=0.2, metadata=_help("RandomResizedCrop lower scale"))
     hflip: bool = field(default=True, metadata=_help("random horizontal flips in training views"))
     max_samples: int = field(default=0, metadata=_help("use the first N samples (0 = all)"))
+    on_bad_image: str = field(
+        default="fail",
+        metadata=_help(
+            "an image that does not decode: 'fail' (stop, naming its index) or 'skip' (check "
+            "every image once at start, train on the rest, warn with the count)"
+        ),
+    )
     num_workers: int = field(default=4, metadata=_help("DataLoader workers per process"))
     cache_dir: str = field(
         default="~/.cache/pcl-scale",
@@ -283,6 +290,7 @@ def _fmt(value: Any) -> str:
 
 _CHOICES = {
     ("data", "aug"): ("aug", "aug_plus"),
+    ("data", "on_bad_image"): ("fail", "skip"),
     ("model", "head"): ("linear", "mlp"),
     ("estep", "backend"): ("auto", "torch", "faiss"),
     ("estep", "mode"): ("auto", "gather", "sharded"),

@@ -309,6 +309,20 @@ class IndexedImages(TorchDataset):
         return self.transform(image), index
 
 
+def undecodable_indices(
+    ds: Any, image_column: str, rank: int = 0, world_size: int = 1
+) -> list[int]:
+    """Indices of ``range(rank, N, world_size)`` whose image does not decode (one pass)."""
+    view = IndexedImages(ds, image_column, lambda image: 0)
+    bad = []
+    for i in range(rank, len(view), world_size):
+        try:
+            view[i]
+        except DataError:
+            bad.append(i)
+    return bad
+
+
 def seed_worker(worker_id: int) -> None:
     """Seed ``random`` and numpy in DataLoader workers from torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32

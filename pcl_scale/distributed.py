@@ -31,6 +31,14 @@ class Comm:
         if self.enabled:
             dist.barrier()
 
+    def all_gather_object(self, obj: object) -> list[object]:
+        """Every rank's picklable ``obj``, in rank order."""
+        if not self.enabled:
+            return [obj]
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def all_gather_cat(self, t: Tensor) -> Tensor:
         """Concatenate equally shaped tensors of all ranks along dim 0 (rank order)."""
         if not self.enabled:

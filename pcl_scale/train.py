@@ -13,6 +13,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +41,10 @@ from pcl_scale.data import (
     load_split,
     seed_worker,
     train_transform,
+    undecodable_indices,
 )
 from pcl_scale.distributed import Comm
-from pcl_scale.errors import DivergedError
+from pcl_scale.errors import DataError, DivergedError
 from pcl_scale.estep import ExtractOptions, choose_mode, extract_shard, gather_by_index, run_estep
 from pcl_scale.export import export_backbone, push_to_hub
 from pcl_scale.kmeans import faiss_available
@@ -152,6 +154,8 @@ def _train(cfg: Config, accelerator: Any, stop: StopRequest) -> RunResult:
 
     with accelerator.main_process_first():  # built-in sources are materialised once
         train_ds = load_split(cfg.data)
+    if cfg.data.on_bad_image == "skip":
+        train_ds = drop_undecodable(train_ds, cfg, comm)
     n = len(train_ds)
     if max(cfg.pcl.num_clusters) > n:
         raise ConfigError(
@@ -256,6 +260,27 @@ def _train(cfg: Config, accelerator: Any, stop: StopRequest) -> RunResult:
         evaluation=evaluation,
         export_dir=export_dir,
     )
+
+
+def drop_undecodable(ds: Any, cfg: Config, comm: Comm) -> Any:
+    """Decode every image once (sharded over ranks) and keep those that decode."""
+    found = comm.all_gather_object(
+        undecodable_indices(ds, cfg.data.image_column, comm.rank, comm.world_size)
+    )
+    bad = sorted(i for part in found for i in part)  # type: ignore[attr-defined]
+    if not bad:
+        return ds
+    if len(bad) == len(ds):
+        raise DataError(f"none of the {len(ds)} images of {cfg.data.source!r} decodes")
+    if comm.is_main:
+        more = " ..." if len(bad) > 20 else ""
+        warnings.warn(
+            f"skipping {len(bad)} of {len(ds)} images that do not decode "
+            f"(data.on_bad_image=skip); dataset indices: {bad[:20]}{more}",
+            stacklevel=2,
+        )
+    bad_set = set(bad)
+    return ds.select([i for i in range(len(ds)) if i not in bad_set])
 
 
 def build_model(cfg: Config) -> PCLModel:

@@ -152,17 +152,49 @@ def test_bad_inputs_exit_2_with_a_clear_message(tmp_path, tiny_dataset_dir, caps
     assert code == 2 and "is empty" in err
 
 
-def test_corrupt_image_stops_training_with_its_index(tmp_path, capsys):
+def corrupt_dataset(tmp_path, bad_indices):
     import datasets
 
     ds = make_hf_dataset(48)
     rows = ds.cast_column("image", datasets.Image(decode=False)).to_dict()
-    rows["image"][7] = {"bytes": b"\x89PNG broken", "path": None}
-    bad = tmp_path / "bad"
-    datasets.Dataset.from_dict(rows, features=ds.features).save_to_disk(str(bad))
+    for i in bad_indices:
+        rows["image"][i] = {"bytes": b"\x89PNG broken", "path": None}
+    path = tmp_path / "bad"
+    datasets.Dataset.from_dict(rows, features=ds.features).save_to_disk(str(path))
+    return path
+
+
+def test_corrupt_image_stops_training_with_its_index(tmp_path, capsys):
+    bad = corrupt_dataset(tmp_path, [7])
     code, err, out = run_cli(tmp_path, bad, capsys, **{"run.max_steps_per_epoch": 0})
     assert code == 2 and "dataset index 7" in err and "Traceback" not in err
     assert not (out / "checkpoints").exists()
+
+
+def test_corrupt_images_skipped_and_counted_when_asked(tmp_path):
+    bad = corrupt_dataset(tmp_path, [3, 30])
+    extra = {"data.on_bad_image": "skip", "optim.epochs": 2}
+    with pytest.warns(UserWarning, match=r"skipping 2 of 48 images .* \[3, 30\]"):
+        result = train(load_config(None, tiny_overrides(bad, tmp_path / "run", **extra)))
+    assert result.clusters is not None
+    assert result.clusters.clusterings[0].assignments.shape == (46,)
+
+
+def test_mixed_modes_and_sizes_train(tmp_path):
+    import datasets
+
+    images = [
+        make_hf_dataset(1, size=s, mode=m, seed=i)[0]["image"]
+        for i, (s, m) in enumerate([(8, "RGB"), (12, "L"), (10, "RGBA"), (16, "P")] * 6)
+    ]
+    ds = datasets.Dataset.from_dict(
+        {"image": images, "label": [i % 4 for i in range(24)]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    ds.save_to_disk(str(tmp_path / "mixed"))
+    extra = {"optim.epochs": 2, "pcl.num_clusters": "[14]"}
+    result = train(load_config(None, tiny_overrides(tmp_path / "mixed", tmp_path / "run", **extra)))
+    assert all(math.isfinite(v) for v in losses(result.history))
 
 
 def assert_identical(c0, c1):
