@@ -165,10 +165,10 @@ def _train(cfg: Config, accelerator: Any, stop: StopRequest) -> RunResult:
     local_batch = cfg.optim.batch_size // (comm.world_size * cfg.optim.grad_accum)
     train_view = IndexedImages(train_ds, cfg.data.image_column, train_transform(cfg.data))
     eval_view = IndexedImages(train_ds, cfg.data.image_column, eval_transform(cfg.data))
-    if n < local_batch * comm.world_size:
+    if steps_per_epoch(cfg, n, comm.world_size, local_batch) == 0:
         raise ConfigError(
-            f"optim.batch_size={cfg.optim.batch_size} is larger than the {n} training samples: "
-            f"lower it so that at least one full batch fits"
+            f"optim.batch_size={cfg.optim.batch_size} x optim.grad_accum={cfg.optim.grad_accum} "
+            f"needs more than the {n} training samples for one optimizer step: lower them"
         )
 
     # Inputs are checked: only now does the run directory get written.
@@ -217,7 +217,10 @@ def _train(cfg: Config, accelerator: Any, stop: StopRequest) -> RunResult:
             epoch,
             skip=state.step_in_epoch * cfg.optim.grad_accum,
         )
-        ctx = EpochContext(cfg, accelerator, model, optimizer, clusters, comm, logger, state, epoch)
+        steps = steps_per_epoch(cfg, n, comm.world_size, local_batch)
+        ctx = EpochContext(
+            cfg, accelerator, model, optimizer, clusters, comm, logger, state, epoch, steps
+        )
         if not train_one_epoch(ctx, loader, stop, run_dir):
             accelerator.print(
                 f"stopped by signal {stop.signal} at step {state.global_step}; resume with "
@@ -408,6 +411,13 @@ class EpochContext:
     logger: JsonlLogger
     state: TrainState
     epoch: int
+    steps: int  # optimizer steps in this epoch
+
+
+def steps_per_epoch(cfg: Config, n: int, world_size: int, local_batch: int) -> int:
+    """Optimizer steps per epoch: full local batches of this rank's share, over accumulation."""
+    steps = (n // world_size) // local_batch // cfg.optim.grad_accum  # DistributedSampler drop_last
+    return min(steps, cfg.run.max_steps_per_epoch) if cfg.run.max_steps_per_epoch else steps
 
 
 def train_one_epoch(
@@ -421,10 +431,7 @@ def train_one_epoch(
     inner = _unwrap(ctx.accelerator, ctx.model)
     ctx.model.train()
     accum = cfg.optim.grad_accum
-    per_rank = len(loader.sampler) + state.step_in_epoch * accum * loader.batch_size  # type: ignore[arg-type, operator]
-    steps = per_rank // (loader.batch_size * accum)  # type: ignore[operator]
-    if cfg.run.max_steps_per_epoch:
-        steps = min(steps, cfg.run.max_steps_per_epoch)
+    steps = ctx.steps
     meter = Meter(ctx.accelerator.device)
     bar = tqdm(
         total=steps,
