@@ -1,5 +1,6 @@
 """End-to-end training on tiny data: one process in-process, two processes under accelerate."""
 
+import importlib.util
 import json
 import math
 import shutil
@@ -96,6 +97,19 @@ def test_export_loads_into_plain_torchvision_with_same_embeddings(tmp_path, tiny
     torch.testing.assert_close(plain(x), trained.encoder_q.backbone(x))
     config = json.loads((out / "export" / "config.json").read_text())
     assert config["library"] == "torchvision" and config["small_stem"] is True
+
+    # eval/knn.py reads the export alone and reports learned and raw features
+    spec = importlib.util.spec_from_file_location("eval_knn", ROOT / "eval" / "knn.py")
+    assert spec is not None and spec.loader is not None
+    eval_knn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_knn)
+    report_file = tmp_path / "report.json"
+    code = eval_knn.main(
+        [str(out / "export"), "--source", str(tiny_dataset_dir), "--json", str(report_file)]
+    )
+    report = json.loads(report_file.read_text())
+    assert code == 0 and set(report) == {"raw pixels", "pcl backbone"}
+    assert all(0 <= row["knn_top1"] <= 100 and -1 <= row["ami"] <= 1 for row in report.values())
     assert "model.load_state_dict" in (out / "export" / "README.md").read_text()
 
 
