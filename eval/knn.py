@@ -22,7 +22,7 @@ from pcl_scale.config import DataConfig
 from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
 from pcl_scale.errors import UserError
 from pcl_scale.export import load_exported_backbone
-from pcl_scale.metrics import kmeans_scores, knn_accuracy
+from pcl_scale.metrics import representation_scores
 from pcl_scale.train import format_report
 
 
@@ -50,10 +50,8 @@ def evaluate_export(
         raise UserError("evaluation needs labels: set --label-column")
     report = {}
     for name, encoder in (("raw pixels", torch.nn.Flatten()), ("pcl backbone", model)):
-        train_f, test_f = (features(encoder, v, batch_size) for v in views)
-        row = kmeans_scores(torch.cat([train_f, test_f]), torch.cat([labels[0], labels[1]]))
-        row["knn_top1"] = knn_accuracy(train_f, labels[0], test_f, labels[1], k=k)
-        report[name] = row
+        feats = [features(encoder, v, batch_size) for v in views]
+        report[name] = representation_scores(feats, [labels[0], labels[1]], k=k)
     return report
 
 

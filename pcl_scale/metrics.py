@@ -55,3 +55,18 @@ def kmeans_scores(feats: Tensor, labels: Tensor, seed: int = 0) -> dict[str, flo
         "nmi": float(normalized_mutual_info_score(true, pred)),
         "ami": float(adjusted_mutual_info_score(true, pred)),
     }
+
+
+def representation_scores(
+    feats: list[Tensor], labels: list[Tensor], k: int = 5, seed: int = 0
+) -> dict[str, float]:
+    """k-means NMI/AMI on all splits together, and kNN top-1 (%) when there are two splits.
+
+    Args:
+        feats: (N_i, F) features per split: [gallery] or [gallery, queries].
+        labels: (N_i,) labels per split.
+    """
+    row = kmeans_scores(torch.cat(feats), torch.cat(labels), seed=seed)
+    if len(feats) > 1:
+        row["knn_top1"] = knn_accuracy(feats[0], labels[0], feats[1], labels[1], k=k)
+    return row

@@ -49,7 +49,7 @@ from pcl_scale.estep import ExtractOptions, choose_mode, extract_shard, gather_b
 from pcl_scale.export import export_backbone, push_to_hub
 from pcl_scale.kmeans import faiss_available
 from pcl_scale.loss import LossOutput, pcl_loss
-from pcl_scale.metrics import kmeans_scores, knn_accuracy
+from pcl_scale.metrics import representation_scores
 from pcl_scale.model import BackboneSpec, PCLModel
 from pcl_scale.runtime import make_accelerator, shutdown
 from pcl_scale.schedules import learning_rate
@@ -606,12 +606,8 @@ def evaluate(
     for name, feats in (("raw pixels", raw), ("pcl backbone", learned)):
         if not feats:
             continue
-        assert all(f is not None for f in feats)
-        fs = [f for f in feats if f is not None]
-        row = kmeans_scores(torch.cat(fs), torch.cat(labels), seed=cfg.run.seed)
-        if len(fs) > 1:
-            row["knn_top1"] = knn_accuracy(fs[0], labels[0], fs[1], labels[1], k=5)
-        report[name] = row
+        fs = [f for f in feats if f is not None]  # rank 0 holds every split
+        report[name] = representation_scores(fs, labels, k=5, seed=cfg.run.seed)
     return report
 
 

@@ -76,9 +76,19 @@ def test_checkpoints_are_complete_and_pruned(tmp_path, tiny_dataset_dir):
 
 def test_export_loads_into_plain_torchvision_with_same_embeddings(tmp_path, tiny_dataset_dir):
     out = tmp_path / "run"
-    extra = {"optim.epochs": 2, "optim.batch_size": 16, "optim.grad_accum": 2}
+    extra = {
+        "optim.epochs": 2,
+        "optim.batch_size": 16,
+        "optim.grad_accum": 2,
+        "run.evaluate": "true",
+        "data.eval_split": "test",
+    }
     cfg = load_config(None, tiny_overrides(tiny_dataset_dir, out, **extra))
     result = train(cfg)
+    assert result.evaluation is not None and set(result.evaluation) == {
+        "raw pixels",
+        "pcl backbone",
+    }
     steps = [r["step"] for r in result.history if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # 3 optimizer steps of 2 micro-batches per epoch
     assert result.export_dir == out / "export"
@@ -109,6 +119,8 @@ def test_export_loads_into_plain_torchvision_with_same_embeddings(tmp_path, tiny
     )
     report = json.loads(report_file.read_text())
     assert code == 0 and set(report) == {"raw pixels", "pcl backbone"}
+    for name, row in report.items():  # the export alone reproduces the run's own evaluation
+        assert row == pytest.approx(result.evaluation[name], abs=1e-6)
     assert all(0 <= row["knn_top1"] <= 100 and -1 <= row["ami"] <= 1 for row in report.values())
     assert "model.load_state_dict" in (out / "export" / "README.md").read_text()
 
