@@ -117,7 +117,7 @@ def kmeans(
     """
     if chunk_bytes is None:
         chunk_bytes = default_chunk_bytes(x.device)
-    _check_args(x, k, niter, nredo, chunk_bytes)
+    _check_args(x, x.shape[0] if x.dim() else 0, k, niter, nredo, chunk_bytes)
     if backend == "auto":
         backend = "faiss" if faiss_available() else "torch"
     if backend not in ("torch", "faiss"):
@@ -192,13 +192,7 @@ def kmeans_sharded(
     """
     if chunk_bytes is None:
         chunk_bytes = default_chunk_bytes(x_local.device)
-    if not 1 <= k <= n_total:
-        raise ValueError(
-            f"cannot make k={k} clusters from N={n_total} points: k must be between 1 and N; "
-            f"lower the number of clusters or use more data"
-        )
-    if niter < 0 or nredo < 1:
-        raise ValueError(f"need niter >= 0 and nredo >= 1, got niter={niter}, nredo={nredo}")
+    _check_args(x_local, n_total, k, niter, nredo, chunk_bytes)
     x_local = x_local.detach().float()
     best: KMeansResult | None = None
     for redo in range(nredo):
@@ -246,10 +240,10 @@ def fetch_rows(
     return all_reduce_sum(out).float()
 
 
-def _check_args(x: Tensor, k: int, niter: int, nredo: int, chunk_bytes: int) -> None:
+def _check_args(x: Tensor, n: int, k: int, niter: int, nredo: int, chunk_bytes: int) -> None:
+    """Validate k-means arguments; ``n`` is the number of points over all shards."""
     if x.dim() != 2:
         raise ValueError(f"k-means expects a 2-D (N, D) tensor, got shape {tuple(x.shape)}")
-    n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(
             f"cannot make k={k} clusters from N={n} points: k must be between 1 and N; "
