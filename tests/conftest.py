@@ -82,7 +82,7 @@ def tiny_overrides(data_dir: Path, out_dir: Path, **extra: object) -> list[str]:
         "optim.schedule": "cosine",
         "run.output_dir": str(out_dir),
         "run.checkpoint_every": 1,
-        "run.keep_checkpoints": 5,
+        "run.keep_checkpoints": 2,
         "run.log_every": 1,
         "run.evaluate": "false",
         "run.max_steps_per_epoch": 3,
