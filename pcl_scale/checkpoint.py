@@ -8,6 +8,11 @@ other file. A directory is only resumed from when that record reads back and eve
 recorded size; ``run.resume=auto`` skips any other with a warning and takes the next older one.
 Checkpoints are written at epoch ends, every ``run.checkpoint_every_steps`` steps, and when a
 SIGTERM/SIGINT asks the run to stop.
+
+Under DeepSpeed, Accelerate's state holds DeepSpeed's own checkpoint (a sub-directory with one
+optimizer shard per rank; ZeRO-3 also shards the weights). Such a checkpoint resumes on the same
+ZeRO stage and number of processes; the layout it was written with is recorded, and a resume
+with another layout is refused with a message that says how to convert it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,20 @@ from pcl_scale.errors import UserError
 STATE_FILE = "trainer_state.json"
 CLUSTERS_FILE = "clusters.safetensors"
 PREFIX = "step_"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the model and optimizer state are split over processes: 'ddp' or 'zero1/2/3'."""
+
+    kind: str = "ddp"
+    world_size: int = 1
+
+    def compatible(self, other: Layout) -> bool:
+        # DDP state is whole on rank 0: any number of processes can read it
+        return self.kind == other.kind and (
+            self.kind == "ddp" or self.world_size == other.world_size
+        )
 
 
 @dataclass
@@ -57,6 +76,7 @@ def save_checkpoint(
     clusters: ClusterResult | None,
     keep: int,
     comm: Comm,
+    layout: Layout = Layout(),
 ) -> Path:
     """Write a resume checkpoint on every rank's behalf; returns its final path."""
     root = checkpoint_root(run_dir)
@@ -71,8 +91,11 @@ def save_checkpoint(
     if comm.is_main:
         if clusters is not None:
             save_file(clusters.state_dict(), str(tmp / CLUSTERS_FILE))
-        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_json_durably(tmp / STATE_FILE, {**asdict(state), "files": sizes})
+        sizes = {
+            str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        record = {**asdict(state), "layout": asdict(layout), "files": sizes}
+        _write_json_durably(tmp / STATE_FILE, record)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -139,10 +162,25 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(accelerator: Any, path: Path) -> tuple[TrainState, ClusterResult | None]:
+def saved_layout(path: Path) -> Layout:
+    raw = json.loads((path / STATE_FILE).read_text()).get("layout", {})
+    return Layout(str(raw.get("kind", "ddp")), int(raw.get("world_size", 1)))
+
+
+def load_checkpoint(
+    accelerator: Any, path: Path, layout: Layout = Layout()
+) -> tuple[TrainState, ClusterResult | None]:
     """Restore Accelerate's state in place; return the trainer state and the cluster result."""
     state, _ = verify(path)
     assert state is not None
+    saved = saved_layout(path)
+    if not saved.compatible(layout):
+        raise UserError(
+            f"checkpoint {path} was written by a {saved.kind} run on {saved.world_size} "
+            f"processes; this run is {layout.kind} on {layout.world_size}. Resume it with the "
+            f"same launcher config and process count, or (DeepSpeed) convert it with DeepSpeed's "
+            f"ds_to_universal.py and start a new run from the converted weights"
+        )
     accelerator.load_state(str(path))
     clusters_path = path / CLUSTERS_FILE
     clusters = None

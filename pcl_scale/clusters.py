@@ -70,6 +70,19 @@ class ClusterResult:
         )
 
 
+def random_clusters(
+    n: int, num_clusters: Sequence[int], dim: int, temperature: float = 0.1, seed: int = 0
+) -> ClusterResult:
+    """A result of the right shapes with random prototypes and assignments (benchmarks)."""
+    g = torch.Generator().manual_seed(seed)
+    clusterings = []
+    for k in num_clusters:
+        prototypes = F.normalize(torch.randn(k, dim, generator=g), dim=1)
+        phi = temperature * (0.5 + torch.rand(k, generator=g))
+        clusterings.append(Clustering(prototypes, phi, torch.randint(k, (n,), generator=g)))
+    return ClusterResult(tuple(clusterings))
+
+
 def cluster_features(
     features: Tensor,
     num_clusters: Sequence[int],

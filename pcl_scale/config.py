@@ -247,6 +247,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from err
     assert isinstance(cfg, Config)
+    if cfg.run.mixed_precision in ("False", "false"):  # YAML 1.1 reads a bare `no` as false
+        cfg.run.mixed_precision = "no"
     return cfg
 
 

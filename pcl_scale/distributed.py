@@ -66,6 +66,22 @@ class Comm:
                 t.copy_(buf)
         return t
 
+    def broadcast_buffers(self, module: torch.nn.Module, src: int = 0) -> None:
+        """Rank ``src``'s buffers (BatchNorm statistics, ...) everywhere: one broadcast per dtype.
+
+        DDP does this at every forward; an engine that does not (DeepSpeed) needs it before
+        anything that reads the running statistics.
+        """
+        if not self.enabled:
+            return
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for b in module.buffers():
+            by_dtype.setdefault(b.dtype, []).append(b)
+        for group in by_dtype.values():
+            flat = self.broadcast(torch.cat([b.detach().reshape(-1) for b in group]), src)
+            for b, part in zip(group, flat.split([b.numel() for b in group]), strict=True):
+                b.copy_(part.view_as(b))
+
     def gather_to_main(self, t: Tensor) -> list[Tensor] | None:
         """Equally shaped tensors of all ranks on rank 0, on ``t``'s device (None elsewhere)."""
         if not self.enabled:

@@ -40,6 +40,10 @@ class ExtractOptions:
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
     progress: bool = False
     desc: str = "E-step"
+    # The encoder's forward is itself a collective (ZeRO-3 gathers parameters per layer): every
+    # rank then runs the same number of forwards, and autograd's no_grad replaces inference
+    # mode, whose tensors ZeRO-3 cannot re-partition.
+    collective: bool = False
 
 
 def extract_shard(
@@ -57,19 +61,22 @@ def extract_shard(
     shard = Subset(dataset, range(comm.rank, len(dataset), comm.world_size))
     loader = DataLoader(shard, batch_size=opts.batch_size, num_workers=opts.num_workers)
     indices, feats = [], []
-    with torch.inference_mode(), opts.autocast():
+    grad_off = torch.no_grad() if opts.collective else torch.inference_mode()
+    with grad_off, opts.autocast():
         for images, index in tqdm(loader, desc=opts.desc, disable=not opts.progress, leave=False):
             feats.append(embed(images.to(opts.device, non_blocking=True)).float().cpu())
             indices.append(index)
-    dim = feats[0].shape[1] if feats else _probe_dim(embed, dataset, opts)
+        # the largest shard's batch count; shards differ by at most one sample
+        largest_shard = -(-len(dataset) // comm.world_size)
+        lockstep = -(-largest_shard // opts.batch_size)
+        extra = lockstep - len(feats) if opts.collective else 0
+        probe = None
+        for _ in range(max(extra, 0 if feats else 1)):  # keep in step; or learn D on an empty shard
+            probe = embed(dataset[0][0][None].to(opts.device))
     if not feats:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, dim)
+        assert probe is not None
+        return torch.empty(0, dtype=torch.long), torch.empty(0, probe.shape[1])
     return torch.cat(indices).long(), torch.cat(feats)
-
-
-def _probe_dim(embed: Callable[[Tensor], Tensor], dataset: Any, opts: ExtractOptions) -> int:
-    with torch.inference_mode(), opts.autocast():
-        return int(embed(dataset[0][0][None].to(opts.device)).shape[1])
 
 
 def gather_by_index(indices: Tensor, feats: Tensor, n: int, comm: Comm) -> Tensor | None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from pcl_scale import __version__
 from pcl_scale.config import Config, to_dict
@@ -85,24 +86,42 @@ def _model_card(cfg: Config, recipe: dict[str, Any], metrics: dict[str, Any] | N
     return "\n".join(lines) + "\n"
 
 
-def _contiguous_state(module: nn.Module) -> dict[str, Any]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+def _submodule_state(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    out = {
+        k[len(prefix) :]: v.detach().float().cpu().contiguous()
+        for k, v in state.items()
+        if k.startswith(prefix)
+    }
+    if not out:
+        raise ValueError(f"no {prefix}* entries in the model state dict")
+    return out
 
 
 def export_backbone(
-    model: PCLModel, cfg: Config, out_dir: Path, metrics: dict[str, Any] | None = None
+    model: PCLModel | Mapping[str, Tensor],
+    cfg: Config,
+    out_dir: Path,
+    metrics: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model.safetensors``, ``head.safetensors``, ``config.json`` and ``README.md``."""
+    """Write ``model.safetensors``, ``head.safetensors``, ``config.json`` and ``README.md``.
+
+    ``model`` is the PCL model or its full state dict (under ZeRO-3, the consolidated one from
+    ``accelerator.get_state_dict``); the online encoder's backbone and head are published.
+    """
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    backbone = _submodule_state(state, "encoder_q.backbone.")
+    head = _submodule_state(state, "encoder_q.head.")
+    num_features = next(v for k, v in head.items() if k.endswith("weight")).shape[1]
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta = {"format": "pt"}
-    save_file(_contiguous_state(model.encoder_q.backbone), str(tmp / "model.safetensors"), meta)
-    save_file(_contiguous_state(model.encoder_q.head), str(tmp / "head.safetensors"), meta)
+    save_file(backbone, str(tmp / "model.safetensors"), meta)
+    save_file(head, str(tmp / "head.safetensors"), meta)
     recipe = library_recipe(cfg)
     config = {
         **recipe,
-        "num_features": model.num_features,
+        "num_features": int(num_features),
         "embedding_dim": cfg.model.dim,
         "head": cfg.model.head,
         "image_size": cfg.data.image_size,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -99,20 +99,55 @@ class Encoder(nn.Module):
         return self.head(self.backbone(x))  # (B, dim)
 
 
+def _is_whole(p: Tensor) -> bool:
+    """Whether a ZeRO-3 parameter's full value is currently materialised in ``.data``."""
+    return p.data.numel() == getattr(p, "ds_numel")  # noqa: B009
+
+
 @torch.no_grad()
 def ema_update(online: nn.Module, target: nn.Module, m: float) -> None:
     """theta_target <- m * theta_target + (1 - m) * theta_online over parameters only.
 
     Buffers (BatchNorm running statistics) are not averaged, as in MoCo/PCL.
+
+    Under ZeRO-3 a parameter's authoritative value is the partition ``ds_tensor`` that each rank
+    owns (the two encoders are partitioned alike), so each rank updates its partitions and no
+    parameter is gathered. A momentum-encoder parameter that is also materialised whole (a small
+    "persistent" one, or one still gathered after a forward) is updated whole when its online
+    twin is whole too, and released otherwise, so that its next use gathers the new value.
     """
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {m}")
-    t_params = [p.data for p in target.parameters()]
-    o_params = [p.data for p in online.parameters()]
+    # Any: ZeRO-3 adds ds_tensor, ds_shape and partition() to its parameters
+    t_params: list[Any] = list(target.parameters())
+    o_params: list[Any] = list(online.parameters())
     if len(t_params) != len(o_params):
         raise ValueError("online and momentum encoders have different parameter lists")
-    torch._foreach_mul_(t_params, m)
-    torch._foreach_add_(t_params, o_params, alpha=1.0 - m)
+    t_local: list[Tensor] = []
+    o_local: list[Tensor] = []
+    stale: list[Any] = []
+    for t, o in zip(t_params, o_params, strict=True):
+        if not hasattr(t, "ds_tensor"):
+            t_local.append(t.data)
+            o_local.append(o.data)
+            continue
+        if t.ds_tensor.shape != o.ds_tensor.shape:
+            raise ValueError(
+                f"momentum encoder parameter {tuple(t.ds_shape)} is partitioned unlike its "
+                "online twin: both encoders must be prepared in the same model"
+            )
+        t_local.append(t.ds_tensor.data)
+        o_local.append(o.ds_tensor.data)
+        if _is_whole(t):
+            if _is_whole(o):
+                t_local.append(t.data)
+                o_local.append(o.data)
+            else:
+                stale.append(t)
+    torch._foreach_mul_(t_local, m)
+    torch._foreach_add_(t_local, o_local, alpha=1.0 - m)
+    for t in stale:
+        t.partition(has_been_updated=False)  # drop the old whole copy; the partition is new
 
 
 class PCLModel(nn.Module):

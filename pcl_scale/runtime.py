@@ -4,18 +4,36 @@
   --num_processes N`` (or torchrun) into an N-process gloo group; without it every rank believes
   it is alone.
 * fp16 needs a GPU (loss scaling); bf16 autocast works on CPU and GPU.
-* At exit the process group is destroyed after freeing the prepared objects, so no gloo worker
-  thread outlives the interpreter.
+* DeepSpeed (``accelerate launch`` with a ``distributed_type: DEEPSPEED`` config) is configured
+  here: the DeepSpeed JSON is checked against the run's options, precision is mapped onto it
+  (bf16 = DeepSpeed's torch autocast with fp32 master weights, which BatchNorm backbones need;
+  fp16 = DeepSpeed's fp16 with dynamic loss scaling), and on CPU the three traps of DeepSpeed
+  under Accelerate are handled: the process group must be asked for gloo explicitly, Accelerate
+  checks a ``transformers`` version it does not need, and DeepSpeed JIT-compiles a shared-memory
+  collective at its first init.
+* At exit the prepared objects are freed and the process group destroyed, so no gloo worker
+  thread (ZeRO-3 leaves asynchronous all-gathers behind) outlives the interpreter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import importlib
+import importlib.util
+import json
+import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from pcl_scale.config import Config, ConfigError
+
+
+def deepspeed_requested() -> bool:
+    """True under ``accelerate launch`` with a DeepSpeed config (or ``--use_deepspeed``)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def make_accelerator(cfg: Config) -> Any:
@@ -27,15 +45,160 @@ def make_accelerator(cfg: Config) -> Any:
         raise ConfigError(
             "run.mixed_precision='fp16' needs a CUDA GPU (loss scaling); on CPU use 'bf16' or 'no'"
         )
-    return Accelerator(
-        cpu=not on_gpu,
-        mixed_precision=cfg.run.mixed_precision,
+    common: dict[str, Any] = dict(
         gradient_accumulation_steps=cfg.optim.grad_accum,
         log_with=list(cfg.run.trackers) or None,
         project_config=ProjectConfiguration(
             project_dir=cfg.run.output_dir, logging_dir=cfg.run.output_dir
         ),
     )
+    if not deepspeed_requested():
+        return Accelerator(cpu=not on_gpu, mixed_precision=cfg.run.mixed_precision, **common)
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    plugin = _deepspeed_plugin(cfg, on_gpu)
+    return Accelerator(
+        deepspeed_plugin=plugin,
+        # bf16 is DeepSpeed's torch autocast (set in the plugin), not Accelerate's bf16 mode
+        mixed_precision="fp16" if cfg.run.mixed_precision == "fp16" else "no",
+        kwargs_handlers=[] if on_gpu else [InitProcessGroupKwargs(backend="gloo")],
+        **common,
+    )
+
+
+def _deepspeed_plugin(cfg: Config, on_gpu: bool) -> Any:
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import accelerate.utils.dataclasses as acc_dataclasses
+    from accelerate.utils import DeepSpeedPlugin
+
+    if importlib.util.find_spec("transformers") is None:
+        # Accelerate compares the transformers version here even when zero3_init_flag is off;
+        # the weak reference it sets only serves transformers' from_pretrained under zero.Init.
+        acc_dataclasses.DeepSpeedPlugin.set_deepspeed_weakref = lambda self: None
+    if not on_gpu:
+        # skip the JIT build (~25 s, g++) of DeepSpeed's shared-memory CPU all-reduce
+        comm_module: Any = importlib.import_module("deepspeed.comm.torch")
+        comm_module.build_shm_op = lambda: None
+    try:
+        plugin = DeepSpeedPlugin()
+    except (OSError, ValueError) as err:  # unreadable JSON, no zero_optimization block, ...
+        source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
+        raise ConfigError(
+            f"cannot use DeepSpeed config {source}: {err}. Start from ds_configs/zero2.json"
+        ) from err
+    if plugin.zero3_init_flag:
+        raise ConfigError(
+            "zero3_init_flag=true in the Accelerate config: pcl-scale builds its two encoders "
+            "before DeepSpeed starts; set zero3_init_flag: false"
+        )
+    check_deepspeed_config(plugin.deepspeed_config, cfg, os.environ.get("WORLD_SIZE", "1"))
+    ds = plugin.deepspeed_config
+    if cfg.run.mixed_precision == "bf16":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        ds["bf16"] = {"enabled": False}
+    if plugin.zero_stage == 3:  # the export consolidates the partitioned weights on rank 0
+        ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+        plugin.zero3_save_16bit_model = True
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = 0.0  # as under DDP (and the reference): no clipping
+    return plugin
+
+
+def check_deepspeed_config(ds: dict[str, Any], cfg: Config, world_size: str | int) -> None:
+    """Refuse a DeepSpeed JSON that contradicts the run's options, naming both sides."""
+    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
+    for block, option in (
+        ("optimizer", "optim.lr/momentum/weight_decay"),
+        ("scheduler", "optim.schedule"),
+    ):
+        if block in ds:
+            kind = ds[block].get("type", "?") if isinstance(ds[block], dict) else ds[block]
+            raise ConfigError(
+                f"{source} defines a {block!r} ({kind}) but pcl-scale builds the SGD optimizer "
+                f"and its schedule from {option}: remove the {block!r} block from the JSON"
+            )
+    world = int(world_size)
+    local = cfg.optim.batch_size // max(world * cfg.optim.grad_accum, 1)
+    expected = {
+        "train_batch_size": cfg.optim.batch_size,
+        "train_micro_batch_size_per_gpu": local,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+    }
+    for key, want in expected.items():
+        have = ds.get(key, "auto")
+        if have != "auto" and int(have) != want:
+            raise ConfigError(
+                f"{source} sets {key}={have} but optim.batch_size={cfg.optim.batch_size}, "
+                f"optim.grad_accum={cfg.optim.grad_accum} on {world} processes need {want}: "
+                f'set it to "auto"'
+            )
+    precision = cfg.run.mixed_precision
+    if _enabled(ds.get("bf16")):
+        raise ConfigError(
+            f'{source} enables "bf16" (bf16 parameters), which breaks BatchNorm backbones and the '
+            "momentum encoder's fp32 EMA: remove it and set run.mixed_precision=bf16 (DeepSpeed's "
+            "torch autocast with fp32 master weights)"
+        )
+    if _enabled(ds.get("fp16")) and precision != "fp16":
+        raise ConfigError(
+            f'{source} enables "fp16" but run.mixed_precision={precision!r}: set '
+            'run.mixed_precision=fp16 and "fp16": {"enabled": "auto"}'
+        )
+    if _enabled(ds.get("torch_autocast")) and precision != "bf16":
+        raise ConfigError(
+            f'{source} enables "torch_autocast" but run.mixed_precision={precision!r}: set '
+            "run.mixed_precision=bf16 instead (it turns on DeepSpeed's torch autocast)"
+        )
+
+
+def _enabled(block: Any) -> bool:
+    return isinstance(block, dict) and str(block.get("enabled", False)).lower() == "true"
+
+
+def zero_stage(accelerator: Any) -> int:
+    """The ZeRO stage of a DeepSpeed run; 0 without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def set_deepspeed_batch(accelerator: Any, local_batch: int) -> None:
+    """Tell DeepSpeed the micro-batch per process before ``prepare`` (no DataLoader is prepared)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = local_batch
+
+
+def autocast_context(accelerator: Any, cfg: Config) -> Callable[[], Any]:
+    """The autocast for forwards, including those that run outside a DeepSpeed engine.
+
+    Without DeepSpeed it is Accelerate's. Under DeepSpeed, the engine's own forward autocasts
+    (bf16) or runs in fp16; the momentum encoder, the E-step and the evaluation call the
+    model's modules directly, so they get the same torch autocast here.
+    """
+    if not deepspeed_requested():
+        return accelerator.autocast
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.mixed_precision)
+    if dtype is None:
+        return contextlib.nullcontext
+    device_type = accelerator.device.type
+    return lambda: torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def distributed_kind(accelerator: Any) -> str:
+    """How the run's state is laid out on disk: 'ddp' or 'zero<stage>'."""
+    stage = zero_stage(accelerator)
+    return f"zero{stage}" if deepspeed_requested() else "ddp"
+
+
+def describe_deepspeed(accelerator: Any) -> str:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return ""
+    keys = ("zero_optimization", "torch_autocast", "fp16", "bf16", "gradient_clipping")
+    shown = {k: plugin.deepspeed_config[k] for k in keys if k in plugin.deepspeed_config}
+    return json.dumps(shown, default=str)
 
 
 def shutdown(accelerator: Any) -> None:

@@ -8,6 +8,7 @@ published export and the final evaluation follow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import signal
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from pcl_scale.checkpoint import (
+    Layout,
     TrainState,
     find_latest,
     load_checkpoint,
@@ -51,7 +53,15 @@ from pcl_scale.kmeans import faiss_available
 from pcl_scale.loss import LossOutput, pcl_loss
 from pcl_scale.metrics import representation_scores
 from pcl_scale.model import BackboneSpec, PCLModel
-from pcl_scale.runtime import make_accelerator, shutdown
+from pcl_scale.runtime import (
+    autocast_context,
+    describe_deepspeed,
+    distributed_kind,
+    make_accelerator,
+    set_deepspeed_batch,
+    shutdown,
+    zero_stage,
+)
 from pcl_scale.schedules import learning_rate
 
 METRICS_FILE = "metrics.jsonl"
@@ -177,18 +187,25 @@ def _train(cfg: Config, accelerator: Any, stop: StopRequest) -> RunResult:
         save_config(cfg, run_dir / "config.yaml")
     if cfg.run.trackers:
         accelerator.init_trackers(run_dir.name, config=_flat(cfg))
-    model = build_model(cfg)
+    # the same initial weights and queue on every rank, whatever the engine broadcasts
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.run.seed, 0, 0, 0, 0))
+        model = build_model(cfg)
     optimizer = torch.optim.SGD(
         [p for p in model.encoder_q.parameters()],
         lr=cfg.optim.lr,
         momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay,
     )
+    set_deepspeed_batch(accelerator, local_batch)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if describe_deepspeed(accelerator):
+        accelerator.print(f"DeepSpeed: {describe_deepspeed(accelerator)}")
+    layout = Layout(distributed_kind(accelerator), comm.world_size)
     state, clusters = TrainState(), None
     resume_path = resolve_resume(cfg.run.resume, run_dir)
     if resume_path is not None:
-        state, clusters = load_checkpoint(accelerator, resume_path)
+        state, clusters = load_checkpoint(accelerator, resume_path, layout)
         clusters = clusters.to(accelerator.device) if clusters is not None else None
         accelerator.print(f"resumed from {resume_path} at epoch {state.epoch}")
 
@@ -197,8 +214,9 @@ def _train(cfg: Config, accelerator: Any, stop: StopRequest) -> RunResult:
         batch_size=cfg.estep.batch_size or 5 * local_batch,
         num_workers=cfg.data.num_workers,
         device=accelerator.device,
-        autocast=accelerator.autocast,
+        autocast=autocast_context(accelerator, cfg),
         progress=comm.is_main,
+        collective=zero_stage(accelerator) == 3,
     )
     start_epoch = state.epoch
     for epoch in range(start_epoch, cfg.optim.epochs):
@@ -219,7 +237,7 @@ def _train(cfg: Config, accelerator: Any, stop: StopRequest) -> RunResult:
         )
         steps = steps_per_epoch(cfg, n, comm.world_size, local_batch)
         ctx = EpochContext(
-            cfg, accelerator, model, optimizer, clusters, comm, logger, state, epoch, steps
+            cfg, accelerator, model, optimizer, clusters, comm, logger, state, epoch, steps, layout
         )
         if not train_one_epoch(ctx, loader, stop, run_dir):
             accelerator.print(
@@ -232,12 +250,13 @@ def _train(cfg: Config, accelerator: Any, stop: StopRequest) -> RunResult:
         state.epoch, state.step_in_epoch = epoch + 1, 0
         last = state.epoch == cfg.optim.epochs
         if last or state.epoch % cfg.run.checkpoint_every == 0:
-            save_checkpoint(accelerator, run_dir, state, clusters, cfg.run.keep_checkpoints, comm)
+            save_checkpoint(
+                accelerator, run_dir, state, clusters, cfg.run.keep_checkpoints, comm, layout
+            )
         if cfg.run.export_every and state.epoch % cfg.run.export_every == 0 and not last:
+            weights = model_state(accelerator, model)
             if comm.is_main:
-                export_backbone(
-                    _unwrap(accelerator, model), cfg, run_dir / f"export_epoch_{state.epoch:04d}"
-                )
+                export_backbone(weights, cfg, run_dir / f"export_epoch_{state.epoch:04d}")
             comm.barrier()
 
     evaluation = None
@@ -246,10 +265,9 @@ def _train(cfg: Config, accelerator: Any, stop: StopRequest) -> RunResult:
         if evaluation is not None:
             logger.log({"event": "evaluation", **_flatten_eval(evaluation)}, step=state.global_step)
     export_dir = None
+    weights = model_state(accelerator, model)
     if comm.is_main:
-        export_dir = export_backbone(
-            _unwrap(accelerator, model), cfg, run_dir / "export", _flatten_eval(evaluation)
-        )
+        export_dir = export_backbone(weights, cfg, run_dir / "export", _flatten_eval(evaluation))
         if cfg.run.hub_repo_id:
             push_to_hub(export_dir, cfg.run.hub_repo_id)
     comm.barrier()
@@ -290,6 +308,28 @@ def build_model(cfg: Config) -> PCLModel:
     m = cfg.model
     spec = BackboneSpec(m.backbone, m.small_stem, cfg.data.image_size, m.patch_size)
     return PCLModel(spec, m.dim, m.head, cfg.pcl.queue_length, m.mlp_hidden_dim or None)  # type: ignore[arg-type]
+
+
+def model_state(accelerator: Any, model: Any) -> dict[str, Tensor]:
+    """The full model state on the main process (collective: call on every rank).
+
+    Under ZeRO-3 the partitioned weights are consolidated on the main process (other ranks get
+    an empty result); otherwise it is the local state dict, whose tensors alias the weights.
+    """
+    sync_buffers(_unwrap(accelerator, model), Comm())
+    if zero_stage(accelerator) == 3:
+        return accelerator.get_state_dict(model) or {}
+    return _unwrap(accelerator, model).state_dict()
+
+
+def sync_buffers(model: PCLModel, comm: Comm) -> None:
+    """Rank 0's BatchNorm running statistics on every rank.
+
+    Training forwards use batch statistics; the E-step, evaluation and export read the running
+    ones, so they are made identical across ranks first. DDP broadcasts buffers only at the start
+    of its forward (each rank's key encoder then updates its own), and DeepSpeed never does.
+    """
+    comm.broadcast_buffers(model, src=0)
 
 
 def _unwrap(accelerator: Any, model: Any) -> PCLModel:
@@ -350,6 +390,7 @@ def estep(
     """Momentum-encoder features of the eval view, k-means at every granularity, phi."""
     start = time.perf_counter()
     inner = _unwrap(accelerator, model)
+    sync_buffers(inner, comm)
     inner.eval()
     kmeans_kwargs = dict(
         niter=cfg.estep.niter,
@@ -412,6 +453,11 @@ class EpochContext:
     state: TrainState
     epoch: int
     steps: int  # optimizer steps in this epoch
+    layout: Layout
+
+    @property
+    def autocast(self) -> Callable[[], Any]:
+        return autocast_context(self.accelerator, self.cfg)
 
 
 def steps_per_epoch(cfg: Config, n: int, world_size: int, local_batch: int) -> int:
@@ -478,7 +524,13 @@ def train_one_epoch(
         if stopping or (every and state.global_step % every == 0):
             meter.raise_if_diverged(comm, run_dir)  # never checkpoint a diverged model
             save_checkpoint(
-                ctx.accelerator, run_dir, state, ctx.clusters, cfg.run.keep_checkpoints, comm
+                ctx.accelerator,
+                run_dir,
+                state,
+                ctx.clusters,
+                cfg.run.keep_checkpoints,
+                comm,
+                ctx.layout,
             )
         if stopping:
             bar.close()
@@ -495,7 +547,7 @@ def train_step(
     device = accelerator.device
     im_q, im_k, index = im_q.to(device), im_k.to(device), index.to(device)
     step_seed = derive_seed(cfg.run.seed, 3, ctx.epoch, ctx.state.global_step, 0)
-    with accelerator.accumulate(ctx.model), accelerator.autocast():
+    with accelerator.accumulate(ctx.model), ctx.autocast():
         q, _ = ctx.model(im_q)
         k = shuffled_keys(inner.embed, im_k, comm, torch.Generator().manual_seed(step_seed))
         gen = torch.Generator(device=device).manual_seed(derive_seed(step_seed, comm.rank))
@@ -584,6 +636,7 @@ def evaluate(
     pixels are the same eval view, flattened (skipped when too large to hold).
     """
     inner = _unwrap(accelerator, model)
+    sync_buffers(inner, comm)
     inner.eval()
     splits = [train_ds] + (
         [load_split(cfg.data, cfg.data.eval_split)] if cfg.data.eval_split else []
@@ -614,9 +667,7 @@ def evaluate(
 def _gather_features(
     embed: Callable[[Tensor], Tensor], view: IndexedImages, comm: Comm, extract: ExtractOptions
 ) -> Tensor | None:
-    opts = ExtractOptions(
-        extract.batch_size, extract.num_workers, extract.device, extract.autocast, False
-    )
+    opts = dataclasses.replace(extract, progress=False)
     indices, feats = extract_shard(embed, view, comm, opts)
     return gather_by_index(indices, feats, len(view), comm)
 

@@ -126,7 +126,12 @@ def launch_and_dump(tmp_path, tiny_dataset_dir, launcher_args, port, out_dir=Non
     )
     procs = [
         subprocess.Popen(
-            c, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            c,
+            env=launch_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,  # DeepSpeed configs name their JSON relative to the repository root
         )
         for c in cmds
     ]

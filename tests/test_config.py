@@ -90,3 +90,10 @@ def test_lr_schedules():
     assert learning_rate(0.1, 119.9, 200, "step", [120, 160]) == pytest.approx(0.1)
     assert learning_rate(0.1, 120.0, 200, "step", [120, 160]) == pytest.approx(0.01)
     assert learning_rate(0.1, 170.0, 200, "step", [120, 160]) == pytest.approx(0.001)
+
+
+def test_bare_no_for_mixed_precision_means_no(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run:\n  mixed_precision: no\n")  # YAML 1.1 reads this as false
+    assert load_config(recipe).run.mixed_precision == "no"
+    assert load_config(None, ["run.mixed_precision=no"]).run.mixed_precision == "no"

@@ -1,0 +1,144 @@
+"""Time per iteration: supervised step (a), MoCo v2 step (b, InfoNCE) and PCL step (c, ProtoNCE).
+
+CPU configuration (ResNet-18 with the small-image stem, 32 px, batch 64):
+
+    python benchmarks/train_step.py
+
+GPU configuration (ResNet-50, 224 px):
+
+    python benchmarks/train_step.py --device cuda --backbone resnet50 --image-size 224 \
+        --batch-size 128
+
+The three steps are timed interleaved (a, b, c, a, b, c, ...) so that drift of the machine hits
+all alike, in fp32 and under bf16 autocast; the table gives the median time per iteration and the
+ratios c/b (the cost of prototypes over MoCo) and b/a (MoCo over supervised learning).
+
+(b) and (c) are the trainer's step on one process: momentum update, query forward, key forward,
+loss (:func:`pcl_scale.loss.pcl_loss`), backward, SGD step, enqueue. (c) adds ProtoNCE over
+M = 3 granularities (K = 25k/50k/100k over N = 1.28M dataset indices, r = 16,000 negative
+prototypes each, as for ImageNet); (b) passes no clusters. (a) is the backbone with a linear
+classifier under cross-entropy on the query view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pcl_scale.clusters import random_clusters
+from pcl_scale.loss import pcl_loss
+from pcl_scale.model import BackboneSpec, PCLModel
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[[], None]]:
+    torch.manual_seed(0)
+    spec = BackboneSpec(args.backbone, args.small_stem, args.image_size)
+    model = PCLModel(spec, 128, "mlp", args.queue).to(device)
+    classifier = nn.Linear(model.num_features, 1000).to(device)
+    sup_params = list(model.encoder_q.backbone.parameters()) + list(classifier.parameters())
+    sup_opt = torch.optim.SGD(sup_params, lr=1e-4, momentum=0.9)
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=1e-4, momentum=0.9)
+    b, s = args.batch_size, args.image_size
+    im_q = torch.randn(b, 3, s, s, device=device)
+    im_k = torch.randn(b, 3, s, s, device=device)
+    labels = torch.randint(1000, (b,), device=device)
+    index = torch.randint(args.n, (b,), device=device)
+    clusters = random_clusters(args.n, args.ks, 128).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def supervised() -> None:
+        loss = F.cross_entropy(classifier(model.encoder_q.backbone(im_q)), labels)
+        loss.backward()
+        sup_opt.step()
+        sup_opt.zero_grad(set_to_none=True)
+
+    def contrastive(with_prototypes: bool) -> Callable[[], None]:
+        def step() -> None:
+            model.momentum_update(0.999)
+            q, _ = model(im_q)
+            k = model.embed(im_k)
+            out = pcl_loss(
+                q, k, model.queue, index, 0.2, clusters if with_prototypes else None, args.r, gen
+            )
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.enqueue(k.float())
+
+        return step
+
+    return {"a": supervised, "b": contrastive(False), "c": contrastive(True)}
+
+
+def measure(args: argparse.Namespace, precision: str) -> dict[str, float]:
+    device = torch.device(args.device)
+    steps = make_steps(args, device)
+    autocast: Callable[[], Any] = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if precision == "bf16"
+        else contextlib.nullcontext
+    )
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for rep in range(args.warmup + args.iters):
+        for name, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            with autocast():
+                step()
+            sync(device)
+            if rep >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--queue", type=int, default=16384, help="instance queue length")
+    parser.add_argument("--r", type=int, default=16000, help="negative prototypes")
+    parser.add_argument("--n", type=int, default=1_281_167, help="dataset size (assignments)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[25000, 50000, 100000])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    args = parser.parse_args()
+    if args.small_stem is None:
+        args.small_stem = args.image_size <= 64
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    print(
+        f"{args.backbone} (small stem: {args.small_stem}), {args.image_size} px, batch "
+        f"{args.batch_size}, {args.device} ({torch.get_num_threads()} threads), queue "
+        f"{args.queue}, ProtoNCE K = {args.ks} with r = {args.r}; median of {args.iters} "
+        f"interleaved iterations after {args.warmup} warm-up\n"
+    )
+    print("| precision | (a) supervised s/it | (b) MoCo v2 s/it | (c) PCL s/it | c/b | b/a |")
+    print("|---|---|---|---|---|---|")
+    for precision in args.precisions:
+        t = measure(args, precision)
+        print(
+            f"| {precision} | {t['a']:.4f} | {t['b']:.4f} | {t['c']:.4f} | "
+            f"{t['c'] / t['b']:.3f} | {t['b'] / t['a']:.3f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
