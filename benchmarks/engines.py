@@ -152,7 +152,13 @@ def report(path: Path) -> None:
     )
     print("| engine | img/s | vs bare loop | peak GPU memory (GiB) |")
     print("|---|---|---|---|")
+    names = {
+        "ddp": "Accelerate (DDP with >1 GPU)",
+        "zero2": "DeepSpeed ZeRO-2",
+        "zero3": "DeepSpeed ZeRO-3",
+    }
     for r in rows:
+        r["engine"] = names.get(r["engine"], r["engine"])
         ratio = f"{r['img_s'] / bare['img_s']:.3f}" if bare else "-"
         mem = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         print(f"| {r['engine']} | {r['img_s']:.1f} | {ratio} | {mem} |")

@@ -6,7 +6,8 @@ CPU (default; 2 processes of 1 thread each are compared with 1 process of 2 thre
     python benchmarks/estep.py --n 50000 --extract-n 4096  # quicker
 
 GPU variant (one GPU; N = 1,281,167 unit vectors, K = 25k/50k/100k, 20 iterations, torch backend
-vs faiss-gpu when installed; no extraction part):
+with the fused Triton assignment, the same without it, and faiss-gpu when installed; no
+extraction part):
 
     python benchmarks/estep.py --device cuda --n 1281167 --ks 25000 50000 100000 --extract-n 0
 
@@ -32,6 +33,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+import pcl_scale.kmeans as kmeans_module
 from pcl_scale.concentration import concentration
 from pcl_scale.distributed import Comm
 from pcl_scale.estep import ExtractOptions, cluster_sharded, extract_shard, gather_by_index
@@ -131,6 +133,14 @@ def run(args: argparse.Namespace, comm: Comm) -> dict[str, Any]:
         out[f"gather/{backend}"] = clustering(args, comm, device, "gather", backend)
     if comm.world_size > 1 or args.device == "cuda":
         out["sharded/torch"] = clustering(args, comm, device, "sharded", "torch")
+    if args.device == "cuda" and kmeans_module.fused_assign_available():
+        kmeans_module.USE_FUSED_ASSIGN = False  # the chunked product + minimum, for comparison
+        try:
+            out["gather/torch (chunked, no fused kernel)"] = clustering(
+                args, comm, device, "gather", "torch"
+            )
+        finally:
+            kmeans_module.USE_FUSED_ASSIGN = True
     return out
 
 

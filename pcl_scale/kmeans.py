@@ -22,6 +22,7 @@ run where the per-cluster sums and counts are all-reduced.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -304,12 +305,22 @@ def kmeans_plusplus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
     return x[chosen.to(x.device)].clone()
 
 
+# The fused Triton kernel replaces the chunked product + minimum on CUDA (set False to compare).
+USE_FUSED_ASSIGN = True
+
+
+def fused_assign_available() -> bool:
+    return USE_FUSED_ASSIGN and importlib.util.find_spec("triton") is not None
+
+
 def assign(
     x: Tensor, centroids: Tensor, chunk_bytes: int = CPU_CHUNK_BYTES
 ) -> tuple[Tensor, Tensor]:
     """Nearest centroid of every row of ``x``, in row chunks of at most ``chunk_bytes``.
 
     ||x - c||^2 = ||x||^2 + 2 * (||c||^2 / 2 - x . c); only the bracket is computed per chunk.
+    On CUDA with Triton the fused kernel of :mod:`pcl_scale.kmeans_triton` is used instead (no
+    (rows, K) block ever reaches memory).
 
     Args:
         x: (N, D) float32 points.
@@ -319,6 +330,10 @@ def assign(
     Returns:
         assignments (N,) int64 and squared distances (N,) float32.
     """
+    if x.is_cuda and x.dtype == torch.float32 and fused_assign_available():
+        from pcl_scale.kmeans_triton import nearest_centroid
+
+        return nearest_centroid(x, centroids)
     n, k = x.shape[0], centroids.shape[0]
     rows = max(1, min(n, chunk_bytes // (4 * k)))
     half_sq_norms = 0.5 * centroids.pow(2).sum(1)  # (K,)
