@@ -9,10 +9,13 @@ the (N,) best scores and indices are written. The product runs on tensor cores i
 distance to the chosen centroid is then recomputed exactly in fp32.
 
 Used automatically by :func:`pcl_scale.kmeans.assign` for float32 CUDA tensors when Triton is
-installed (it ships with PyTorch's CUDA wheels).
+installed (it ships with PyTorch's CUDA wheels). The tile shape is tuned by Triton on the first
+call for each (K, D), which costs a few seconds once per process and granularity.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import triton
@@ -20,6 +23,16 @@ import triton.language as tl
 from torch import Tensor
 
 
+def _configs() -> list[Any]:
+    """Tile shapes tried on the first call for each (K, D); the fastest is kept."""
+    shapes = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 4, 4), (256, 64, 8, 2)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+        for bn, bk, w, st in shapes
+    ]
+
+
+@triton.autotune(configs=_configs(), key=["k", "d"])
 @triton.jit
 def _nearest_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
@@ -81,8 +94,10 @@ def nearest_centroid(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     half_sq = 0.5 * centroids.pow(2).sum(1)  # (K,)
     best = torch.empty(n, dtype=torch.float32, device=x.device)
     index = torch.empty(n, dtype=torch.int32, device=x.device)
-    block_n, block_k = 128, 64
-    grid = (triton.cdiv(n, block_n),)
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]),)
+
     _nearest_kernel[grid](
         x,
         centroids_t,
@@ -93,10 +108,6 @@ def nearest_centroid(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
         k,
         d,
         D_PAD=triton.next_power_of_2(d),
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=8,
-        num_stages=3,
     )
     assignments = index.long()
     distances = (x - centroids[assignments]).pow(2).sum(1)  # exact fp32, (N,)
