@@ -143,7 +143,7 @@ def run(args: argparse.Namespace, comm: Comm) -> dict[str, Any]:
         out[f"gather/{backend}"] = clustering(args, comm, device, "gather", backend)
     if comm.world_size > 1 or args.device == "cuda":
         out["sharded/torch"] = clustering(args, comm, device, "sharded", "torch")
-    if args.device == "cuda" and kmeans_module.fused_assign_available():
+    if args.device == "cuda" and kmeans_module.fused_assign_available() and not args.skip_chunked:
         kmeans_module.USE_FUSED_ASSIGN = False  # the chunked product + minimum, for comparison
         try:
             out["gather/torch (chunked, no fused kernel)"] = clustering(
@@ -200,6 +200,9 @@ def main() -> None:
     parser.add_argument("--extract-n", type=int, default=200_000)
     parser.add_argument("--image-size", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument(
+        "--skip-chunked", action="store_true", help="GPU: skip the run without the fused kernel"
+    )
     args = parser.parse_args()
 
     results = [run(args, Comm())]
