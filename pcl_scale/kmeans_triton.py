@@ -9,30 +9,23 @@ the (N,) best scores and indices are written. The product runs on tensor cores i
 distance to the chosen centroid is then recomputed exactly in fp32.
 
 Used automatically by :func:`pcl_scale.kmeans.assign` for float32 CUDA tensors when Triton is
-installed (it ships with PyTorch's CUDA wheels). The tile shape is tuned by Triton on the first
-call for each (K, D), which costs a few seconds once per process and granularity.
+installed (it ships with PyTorch's CUDA wheels).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-
-def _configs() -> list[Any]:
-    """Tile shapes tried on the first call for each (K, D); the fastest is kept."""
-    shapes = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 4, 4), (256, 64, 8, 2)]
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bn, bk, w, st in shapes
-    ]
+# Tile shape: of (128, 64, 8 warps, 3 stages), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 4, 4)
+# and (256, 64, 8, 2), Triton's autotuner picked the last for K = 25k, 50k and 100k at N = 1.28M,
+# D = 128 on an H200 (benchmarks/assign.py). It is fixed here: tuning on every start of a run
+# cost 4 to 17 s per granularity.
+BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 256, 64, 8, 2
 
 
-@triton.autotune(configs=_configs(), key=["k", "d"])
 @triton.jit
 def _nearest_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
@@ -95,9 +88,7 @@ def nearest_centroid(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     best = torch.empty(n, dtype=torch.float32, device=x.device)
     index = torch.empty(n, dtype=torch.int32, device=x.device)
 
-    def grid(meta: dict[str, Any]) -> tuple[int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]),)
-
+    grid = (triton.cdiv(n, BLOCK_N),)
     _nearest_kernel[grid](
         x,
         centroids_t,
@@ -108,6 +99,10 @@ def nearest_centroid(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
         k,
         d,
         D_PAD=triton.next_power_of_2(d),
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
     )
     assignments = index.long()
     distances = (x - centroids[assignments]).pow(2).sum(1)  # exact fp32, (N,)

@@ -135,46 +135,80 @@ def test_sigterm_saves_and_resume_finishes_the_same_run(tmp_path, tiny_dataset_d
     assert max(expected) == 24
 
 
-@pytest.mark.dist
-def test_sigkill_two_processes_then_resume_matches_uninterrupted(tmp_path, tiny_dataset_dir):
+TWO_PROC = {
+    "optim.epochs": 8,
+    "run.max_steps_per_epoch": 0,
+    "run.checkpoint_every_steps": 1,
+    "run.keep_checkpoints": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def two_proc_data(tmp_path_factory):
+    import datasets
+
+    from .conftest import make_hf_dataset
+
+    path = tmp_path_factory.mktemp("robust") / "tiny"
+    datasets.DatasetDict(
+        {"train": make_hf_dataset(48, seed=0), "test": make_hf_dataset(16, seed=1)}
+    ).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, two_proc_data):
     config = ["--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")]
-    extra = {
-        "optim.epochs": 8,
-        "run.max_steps_per_epoch": 0,
-        "run.checkpoint_every_steps": 1,
-        "run.keep_checkpoints": 3,
-    }
-    straight, _, straight_clusters = launch_and_dump(
-        tmp_path / "a", tiny_dataset_dir, [config], 29561, **extra
-    )
-    out = tmp_path / "killed"
+    tmp = tmp_path_factory.mktemp("straight")
+    histories, _, clusters = launch_and_dump(tmp, two_proc_data, [config], 29561, **TWO_PROC)
+    return histories, clusters
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("sig, port", [(signal.SIGKILL, 29562), (signal.SIGTERM, 29564)])
+def test_two_processes_interrupted_then_resumed_match_uninterrupted(
+    sig, port, tmp_path, two_proc_data, uninterrupted
+):
+    """SIGKILL: a scheduler's hard kill; SIGTERM: a preemption notice to every worker."""
+    straight, straight_clusters = uninterrupted
+    config = ["--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")]
+    out = tmp_path / "interrupted"
     (cmd,) = launch_commands(
-        tmp_path, tiny_dataset_dir, [config], 29562, out, tmp_path / "x", **extra
+        tmp_path, two_proc_data, [config], port, out, tmp_path / "x", **TWO_PROC
     )
     proc = subprocess.Popen(
-        cmd, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.time() + 300
     while time.time() < deadline and not list((out / "checkpoints").glob("step_00000000[5-9]")):
         time.sleep(0.05)
-    # SIGKILL every process of the launch at once, as a scheduler does (the workers run in
-    # their own sessions, so killing the launcher's process group is not enough)
-    victims = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    # SIGKILL every process of the launch at once (the workers run in their own sessions, so
+    # killing the launcher's process group is not enough); SIGTERM goes to the workers, as a
+    # scheduler's preemption notice does, and each must checkpoint and stop at the same step
+    victims = [proc.pid, *workers] if sig == signal.SIGKILL else workers
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    for pid in victims[1:]:
+            os.kill(pid, sig)
+    output, _ = proc.communicate(timeout=120)
+    for pid in workers:
         with contextlib.suppress(psutil.NoSuchProcess):
             psutil.Process(pid).wait(timeout=60)
-    assert not (out / "export").exists(), "the run finished before it was killed"
+    assert not (out / "export").exists(), "the run finished before it was interrupted"
+    if sig == signal.SIGTERM:
+        assert "stopped by signal 15" in output, output[-3000:]
+        assert "Traceback" not in output.split("stopped by signal")[0]
+        saved = sorted((out / "checkpoints").glob("step_*"))
+        state = json.loads((saved[-1] / "trainer_state.json").read_text())
+        stopped_at = int(output.split("stopped by signal 15 at step ")[1].split(";")[0])
+        assert state["global_step"] == stopped_at  # the stop checkpoint, written by both ranks
     resumed, _, resumed_clusters = launch_and_dump(
         tmp_path / "b",
-        tiny_dataset_dir,
+        two_proc_data,
         [config],
-        29563,
+        port + 1,
         out_dir=out,
-        **{**extra, "run.resume": "auto"},
+        **{**TWO_PROC, "run.resume": "auto"},
     )
     first = min(step_losses(resumed[0]))
     assert 6 <= first <= 24
