@@ -1,12 +1,59 @@
-"""Representation quality on labelled data: kNN accuracy and k-means NMI/AMI."""
+"""Representation quality on labelled data: kNN, clustering scores (NMI, AMI, ARI, accuracy)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pcl_scale.kmeans import kmeans
+
+
+def knn_class_scores(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    k: int,
+    temperature: float | None = None,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> Tensor:
+    """Class scores (M, C) of a cosine k-nearest-neighbour classifier.
+
+    With ``temperature`` each of the k neighbours votes ``exp(similarity / T)`` for its class
+    (the weighted kNN of instance discrimination: k = 200, T = 0.07); without, each votes 1 and
+    ties between classes go to the class of the nearest voter among them. Similarities are
+    computed in chunks of test rows, so the full test x train matrix is never held.
+    """
+    a = F.normalize(train_feats.float(), dim=1)
+    b = F.normalize(test_feats.float(), dim=1)
+    c = num_classes or int(train_labels.max()) + 1
+    k = min(k, a.shape[0])
+    out = []
+    for start in range(0, b.shape[0], chunk):
+        top = (b[start : start + chunk] @ a.t()).topk(k, dim=1)  # (m, k), nearest first
+        votes = train_labels[top.indices]  # (m, k)
+        if temperature is not None:
+            weights = (top.values / temperature).exp()
+            out.append(torch.zeros(votes.shape[0], c).scatter_add_(1, votes, weights))
+            continue
+        counts = F.one_hot(votes, c).sum(1).float()  # (m, C)
+        rank_bonus = torch.zeros_like(counts).scatter_reduce_(
+            1,
+            votes,
+            (k - torch.arange(k, dtype=torch.float32)).expand_as(votes) / (k * k + 1.0),
+            reduce="amax",
+        )
+        out.append(counts + rank_bonus)
+    return torch.cat(out) if out else torch.empty(0, c)
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
+    """Top-k accuracy (%) of class scores (M, C) for each k in ``ks`` (k capped at C)."""
+    ranked = scores.argsort(dim=1, descending=True)
+    hit = ranked == labels[:, None]
+    return {k: 100.0 * float(hit[:, : min(k, scores.shape[1])].any(1).float().mean()) for k in ks}
 
 
 def knn_accuracy(
@@ -17,44 +64,59 @@ def knn_accuracy(
     k: int = 5,
     chunk: int = 1024,
 ) -> float:
-    """Top-1 accuracy (%) of a k-nearest-neighbour majority vote under cosine similarity.
-
-    Ties between classes go to the class of the nearest voter among them. Similarities are
-    computed in chunks of test rows, so the full test x train matrix is never held.
-    """
-    a = F.normalize(train_feats.float(), dim=1)
-    b = F.normalize(test_feats.float(), dim=1)
+    """Top-1 accuracy (%) of a k-nearest-neighbour majority vote under cosine similarity."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    k = min(k, a.shape[0])
-    correct = 0
-    for start in range(0, b.shape[0], chunk):
-        sims = b[start : start + chunk] @ a.t()  # (c, N_train)
-        top_idx = sims.topk(k, dim=1).indices  # (c, k), nearest first
-        votes = train_labels[top_idx]  # (c, k)
-        counts = F.one_hot(votes, num_classes).sum(1).float()  # (c, C)
-        # break ties by rank: a tiny bonus for the nearest voter of each class
-        rank_bonus = torch.zeros_like(counts).scatter_reduce_(
-            1,
-            votes,
-            (k - torch.arange(k, dtype=torch.float32)).expand_as(votes) / (k * k + 1.0),
-            reduce="amax",
-        )
-        pred = (counts + rank_bonus).argmax(1)
-        correct += int((pred == test_labels[start : start + chunk]).sum())
-    return 100.0 * correct / b.shape[0]
+    scores = knn_class_scores(train_feats, train_labels, test_feats, k, None, num_classes, chunk)
+    return topk_accuracy(scores, test_labels, (1,))[1]
 
 
-def kmeans_scores(feats: Tensor, labels: Tensor, seed: int = 0) -> dict[str, float]:
-    """k-means with K = number of classes (k-means++, 10 restarts), then NMI and AMI."""
-    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+def knn_scores(
+    train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor
+) -> dict[str, float]:
+    """Weighted kNN (k = 200, T = 0.07) and majority kNN (k = 5), top-1 and top-5 (%)."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    row = {}
+    for name, k, t in (("knn200", 200, 0.07), ("knn5", 5, None)):
+        scores = knn_class_scores(train_feats, train_labels, test_feats, k, t, num_classes)
+        acc = topk_accuracy(scores, test_labels, (1, 5))
+        row[f"{name}_top1"], row[f"{name}_top5"] = acc[1], acc[5]
+    return row
 
-    k = int(labels.unique().numel())
-    res = kmeans(feats.float(), k, niter=100, nredo=10, seed=seed, init="kmeans++")
-    pred, true = res.assignments.cpu().numpy(), labels.cpu().numpy()
+
+def hungarian_accuracy(true: np.ndarray, pred: np.ndarray) -> float:
+    """Accuracy (%) of cluster ids against labels under the best one-to-one matching."""
+    from scipy.optimize import linear_sum_assignment
+
+    t_ids, t = np.unique(true, return_inverse=True)
+    p_ids, p = np.unique(pred, return_inverse=True)
+    table = np.zeros((len(p_ids), len(t_ids)), dtype=np.int64)
+    np.add.at(table, (p, t), 1)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    return 100.0 * float(table[rows, cols].sum()) / len(true)
+
+
+def clustering_scores(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """NMI, AMI, ARI and Hungarian-matched accuracy (%) of cluster ids against labels."""
+    from sklearn.metrics import (
+        adjusted_mutual_info_score,
+        adjusted_rand_score,
+        normalized_mutual_info_score,
+    )
+
     return {
         "nmi": float(normalized_mutual_info_score(true, pred)),
         "ami": float(adjusted_mutual_info_score(true, pred)),
+        "ari": float(adjusted_rand_score(true, pred)),
+        "acc": hungarian_accuracy(true, pred),
     }
+
+
+def kmeans_scores(feats: Tensor, labels: Tensor, seed: int = 0) -> dict[str, float]:
+    """k-means with K = number of classes (k-means++, 10 restarts), then clustering scores."""
+
+    k = int(labels.unique().numel())
+    res = kmeans(feats.float(), k, niter=100, nredo=10, seed=seed, init="kmeans++")
+    return clustering_scores(labels.cpu().numpy(), res.assignments.cpu().numpy())
 
 
 def representation_scores(

@@ -118,8 +118,10 @@ def test_resume_from_a_zero3_checkpoint_continues_the_trajectory(fp32_runs, data
         ("cpu_2proc_zero2", {}, 29545),
         ("cpu_2proc_zero3", {}, 29546),
         ("cpu_2proc_zero3", {"model.backbone": "vit_tiny", "model.patch_size": 4}, 29547),
+        ("cpu_2proc_zero2", {"model.backbone": "resnet50"}, 29548),
+        ("cpu_2proc_zero3", {"model.backbone": "vit_small", "model.patch_size": 4}, 29549),
     ],
-    ids=["zero2-resnet18", "zero3-resnet18", "zero3-vit_tiny"],
+    ids=["zero2-resnet18", "zero3-resnet18", "zero3-vit_tiny", "zero2-resnet50", "zero3-vit_small"],
 )
 def test_bf16_trains_under_zero(name, extra, port, dataset_dir, tmp_path):
     histories, _, clusters = launch_and_dump(

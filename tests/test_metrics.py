@@ -1,0 +1,110 @@
+"""Evaluation metrics against slow references written here and hand-computed values."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pcl_scale.metrics import (
+    clustering_scores,
+    hungarian_accuracy,
+    knn_class_scores,
+    knn_scores,
+    topk_accuracy,
+)
+
+
+def slow_knn(train, train_labels, test, k, temperature, num_classes):
+    out = torch.zeros(len(test), num_classes)
+    for i, row in enumerate(test):
+        sims = [float(F.cosine_similarity(row, t, dim=0)) for t in train]
+        order = sorted(range(len(train)), key=lambda j: -sims[j])[:k]
+        for j in order:
+            c = int(train_labels[j])
+            if temperature is None:
+                out[i, c] += 1.0
+            else:
+                out[i, c] += float(np.exp(sims[j] / temperature))
+        if temperature is None:  # tie-break: the class of the nearest voter wins
+            best = out[i].max()
+            tied = [c for c in range(num_classes) if out[i, c] == best]
+            winner = next(int(train_labels[j]) for j in order if int(train_labels[j]) in tied)
+            out[i, winner] += 0.5
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.07, None])
+def test_knn_matches_a_slow_reference(temperature):
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(60, 8, generator=g), torch.randn(25, 8, generator=g)
+    labels = torch.randint(4, (60,), generator=g)
+    fast = knn_class_scores(train, labels, test, 7, temperature, 4, chunk=10)
+    slow = slow_knn(train, labels, test, 7, temperature, 4)
+    if temperature is None:  # compare the decisions (the tie-break bonus differs in size)
+        assert torch.equal(fast.argmax(1), slow.argmax(1))
+        assert torch.equal(fast.floor(), (slow - 0.5 * (slow % 1 > 0)).floor())
+    else:
+        assert torch.allclose(fast, slow, rtol=1e-5)
+
+
+def test_majority_tie_goes_to_the_nearest_voter():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 1, 1, 0])  # votes 2 vs 2; the nearest to the query is class 0
+    scores = knn_class_scores(train, labels, torch.tensor([[1.0, 0.05]]), 4, None, 2)
+    assert int(scores.argmax()) == 0
+
+
+def test_topk_accuracy_by_hand():
+    scores = torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([2, 0, 0])
+    acc = topk_accuracy(scores, labels, (1, 2, 5))
+    assert acc[1] == pytest.approx(100 / 3)
+    assert acc[2] == pytest.approx(200 / 3)
+    assert acc[5] == pytest.approx(100.0)
+
+
+def test_knn_scores_are_perfect_on_separated_classes():
+    g = torch.Generator().manual_seed(1)
+    centres = F.normalize(torch.randn(6, 16, generator=g), dim=1) * 10
+    labels = torch.arange(6).repeat_interleave(40)
+    feats = centres[labels] + 0.1 * torch.randn(240, 16, generator=g)
+    row = knn_scores(feats[::2], labels[::2], feats[1::2], labels[1::2])
+    assert row == {
+        "knn200_top1": 100.0,
+        "knn200_top5": 100.0,
+        "knn5_top1": 100.0,
+        "knn5_top5": 100.0,
+    }
+
+
+def test_hungarian_accuracy_is_100_for_a_relabelling_and_matches_brute_force():
+    rng = np.random.default_rng(0)
+    true = rng.integers(0, 4, 200)
+    perm = np.array([2, 0, 3, 1])
+    assert hungarian_accuracy(true, perm[true] + 7) == 100.0
+    pred = rng.integers(0, 4, 200)
+    brute = max(
+        100.0 * np.mean(np.array(p)[pred] == true) for p in itertools.permutations(range(4))
+    )
+    assert hungarian_accuracy(true, pred) == pytest.approx(brute)
+
+
+def test_hungarian_accuracy_with_more_clusters_than_classes():
+    true = np.array([0, 0, 0, 1, 1, 1])
+    pred = np.array([0, 0, 1, 2, 2, 2])  # best matching: 0->0 (2 right), 2->1 (3 right)
+    assert hungarian_accuracy(true, pred) == pytest.approx(500 / 6)
+
+
+def test_clustering_scores_agree_with_sklearn():
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    rng = np.random.default_rng(1)
+    true, pred = rng.integers(0, 5, 300), rng.integers(0, 7, 300)
+    row = clustering_scores(true, pred)
+    assert row["nmi"] == pytest.approx(normalized_mutual_info_score(true, pred))
+    assert row["ari"] == pytest.approx(adjusted_rand_score(true, pred))
+    assert clustering_scores(true, true) == pytest.approx(
+        {"nmi": 1.0, "ami": 1.0, "ari": 1.0, "acc": 100.0}
+    )
