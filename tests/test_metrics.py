@@ -108,3 +108,22 @@ def test_clustering_scores_agree_with_sklearn():
     assert clustering_scores(true, true) == pytest.approx(
         {"nmi": 1.0, "ami": 1.0, "ari": 1.0, "acc": 100.0}
     )
+
+
+def test_linear_probe_picks_weight_decay_on_validation_only():
+    from pcl_scale.linear_probe import _split_validation, linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 20, generator=g) * 3
+    labels = torch.arange(5).repeat_interleave(40)
+    feats = centres[labels] + torch.randn(200, 20, generator=g)
+    test_labels = torch.arange(5).repeat_interleave(20)
+    test = centres[test_labels] + torch.randn(100, 20, generator=g)
+    row = linear_probe(feats, labels, test, test_labels, seed=0)
+    assert row["top1"] > 95.0 and row["top5"] == 100.0
+    scrambled = linear_probe(feats, labels, test, test_labels.roll(20), seed=0)
+    assert scrambled["weight_decay"] == row["weight_decay"]  # test labels never used to choose
+    assert scrambled["top1"] < 30.0
+    tr, va = _split_validation(labels, 0.2, 0)
+    assert len(set(tr.tolist()) & set(va.tolist())) == 0 and len(tr) + len(va) == 200
+    assert torch.bincount(labels[va]).tolist() == [8] * 5  # stratified

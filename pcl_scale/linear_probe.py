@@ -1,0 +1,104 @@
+"""Linear classification on frozen features.
+
+Two protocols:
+
+* :func:`linear_probe` (the fast path, for precomputed features of small sets): multinomial
+  logistic regression trained full-batch with L-BFGS on standardised features; the weight decay
+  is chosen on a validation part held out of the training split (never on the test split), then
+  the classifier is refitted on the whole training split and scored once on the test split.
+* :func:`reference_schedule` describes the reference ImageNet protocol (PCL_SPEC 2.1: frozen
+  backbone in eval mode, fresh fc with N(0, 0.01) weights, SGD lr 5.0, momentum 0.9, no weight
+  decay, batch 256, 100 epochs, x0.1 at 60 and 80, RandomResizedCrop + flip, last-epoch top-1);
+  ``eval/linear.py --protocol reference`` runs it through the images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pcl_scale.metrics import topk_accuracy
+
+DEFAULT_WEIGHT_DECAYS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
+
+
+@dataclass(frozen=True)
+class ReferenceSchedule:
+    lr: float = 5.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    epochs: int = 100
+    milestones: tuple[int, ...] = (60, 80)
+    gamma: float = 0.1
+
+
+def reference_schedule() -> ReferenceSchedule:
+    return ReferenceSchedule()
+
+
+def _split_validation(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Stratified train/validation indices: ``fraction`` of each class (at least one) held out."""
+    g = torch.Generator().manual_seed(seed)
+    train_idx, val_idx = [], []
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = max(1, round(fraction * len(idx))) if len(idx) > 1 else 0
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
+def fit_logistic(
+    x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter: int = 200
+) -> torch.nn.Linear:
+    """Full-batch L-BFGS on cross-entropy + weight_decay / 2 * ||W||^2 (bias not decayed)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(x.shape[1], num_classes).to(x.device)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    opt = torch.optim.LBFGS(
+        model.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y) + 0.5 * weight_decay * model.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model
+
+
+def linear_probe(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Top-1/top-5 (%) on the test split at the weight decay that is best on validation."""
+    mean = train_feats.float().mean(0)
+    std = train_feats.float().std(0).clamp_min(1e-6)
+    xs, xt = (train_feats.float() - mean) / std, (test_feats.float() - mean) / std
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    tr, va = _split_validation(train_labels, val_fraction, seed)
+    best_wd, best_val = weight_decays[0], -1.0
+    for wd in weight_decays:
+        model = fit_logistic(xs[tr], train_labels[tr], num_classes, wd)
+        with torch.no_grad():
+            val = topk_accuracy(model(xs[va]), train_labels[va], (1,))[1]
+        if val > best_val:
+            best_wd, best_val = wd, val
+    model = fit_logistic(xs, train_labels, num_classes, best_wd)
+    with torch.no_grad():
+        acc = topk_accuracy(model(xt), test_labels, (1, 5))
+    return {"top1": acc[1], "top5": acc[5], "weight_decay": best_wd, "val_top1": best_val}
