@@ -1,4 +1,9 @@
-"""The ``pcl-scale`` command line: ``pcl-scale train [--config FILE] [section.key=value ...]``."""
+"""The ``pcl-scale`` command line.
+
+pcl-scale train [--config FILE] [section.key=value ...]
+pcl-scale eval EXPORT_DIR --source SOURCE [--protocols knn,linear,lowshot,cluster] ...
+pcl-scale report RUN_DIR
+"""
 
 from __future__ import annotations
 
@@ -52,6 +57,79 @@ def train_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def eval_main(argv: Sequence[str]) -> int:
+    import json
+
+    import torch
+
+    from pcl_scale.config import DataConfig
+    from pcl_scale.distributed import Comm, init_from_env
+    from pcl_scale.evaluation import PROTOCOLS, evaluate_export, format_evaluation
+
+    parser = argparse.ArgumentParser(
+        prog="pcl-scale eval",
+        description=(
+            "Evaluate a published export (RUN_DIR/export) on a labelled dataset, learned "
+            "features next to raw pixels. Under torchrun/accelerate launch the extraction is "
+            "sharded over the processes."
+        ),
+    )
+    parser.add_argument("export_dir", type=Path)
+    parser.add_argument("--source", required=True, help="data source, as data.source")
+    parser.add_argument("--split", default="train", help="training / gallery split")
+    parser.add_argument("--eval-split", default="test", help="test / query split")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--resize-size", type=int, default=0)
+    parser.add_argument("--cache-dir", default=DataConfig.cache_dir)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated")
+    parser.add_argument("--lowshot-ks", default="1,2,4,8,16")
+    parser.add_argument("--lowshot-runs", type=int, default=5)
+    parser.add_argument("--run-dir", type=Path, help="also score this run's prototypes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args(list(argv))
+    if not (args.export_dir / "config.json").is_file():
+        raise UserError(
+            f"{args.export_dir} holds no config.json: pass a run's export directory "
+            "(RUN_DIR/export)"
+        )
+    try:
+        ks = [int(k) for k in args.lowshot_ks.split(",") if k]
+    except ValueError as err:
+        raise UserError(f"--lowshot-ks={args.lowshot_ks!r}: give integers, e.g. 1,2,4") from err
+    device = init_from_env()
+    data = DataConfig(
+        source=args.source,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        resize_size=args.resize_size,
+        cache_dir=args.cache_dir,
+    )
+    report = evaluate_export(
+        args.export_dir,
+        data,
+        args.split,
+        args.eval_split,
+        [p for p in args.protocols.split(",") if p],
+        Comm(),
+        device,
+        args.batch_size,
+        ks,
+        args.lowshot_runs,
+        args.run_dir,
+        args.seed,
+    )
+    if report is not None:
+        print(format_evaluation(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
 def _default_recipe() -> Path:
     for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
         if (base / DEFAULT_RECIPE).is_file():
@@ -74,14 +152,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="pcl-scale", description="Prototypical Contrastive Learning at scale."
     )
     parser.add_argument("--version", action="version", version=f"pcl-scale {__version__}")
-    parser.add_argument("command", choices=["train"], help="what to run")
+    commands = {"train": train_main, "eval": eval_main}
+    parser.add_argument("command", choices=list(commands), help="what to run")
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])
     command, rest = argv[0], argv[1:]
-    if command != "train":
+    if command not in commands:
         parser.parse_args([command])
     try:
-        return train_main(rest)
+        return commands[command](rest)
     except UserError as err:
         print(f"pcl-scale: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

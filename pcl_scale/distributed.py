@@ -11,6 +11,22 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+def init_from_env() -> torch.device:
+    """Join the process group a launcher describes (WORLD_SIZE > 1), once; this rank's device.
+
+    NCCL on GPUs, gloo on CPU; a single process stays without a group.
+    """
+    import os
+
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
 class Comm:
     """Collectives over the default process group; every method works on a single process too."""
 

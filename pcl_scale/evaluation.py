@@ -1,0 +1,178 @@
+"""Evaluate a published export: kNN, linear probe, low-shot SVM and clustering, next to raw pixels.
+
+Features come from the export alone (``model.safetensors`` + ``config.json``, rebuilt with plain
+torchvision/timm), on any split of any data source, extracted sharded across processes when the
+process group is initialised (``torchrun`` / ``accelerate launch``) and assembled on rank 0 by
+dataset index. Every protocol runs on the learned features and on raw pixels of the same eval view
+("raw pixels": the identity encoder), by the same code on the same split. With ``run_dir`` the
+PCL prototypes' own assignments of the training split (from the newest checkpoint) are scored too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from pcl_scale.checkpoint import CLUSTERS_FILE, find_latest
+from pcl_scale.config import DataConfig
+from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
+from pcl_scale.distributed import Comm
+from pcl_scale.errors import UserError
+from pcl_scale.estep import ExtractOptions, extract_shard, gather_by_index
+from pcl_scale.export import load_exported_backbone
+from pcl_scale.linear_probe import linear_probe
+from pcl_scale.lowshot import lowshot_svm
+from pcl_scale.metrics import clustering_scores, kmeans_scores, knn_scores
+
+PROTOCOLS = ("knn", "linear", "lowshot", "cluster")
+RAW, LEARNED = "raw pixels", "pcl backbone"
+
+
+def data_for_export(config: dict[str, Any], data: DataConfig) -> DataConfig:
+    """The eval view the export was trained with: image size, resize, normalisation."""
+    trained = config.get("training_config", {}).get("data", {})
+    return dataclasses.replace(
+        data,
+        image_size=config["image_size"],
+        mean=config["mean"],
+        std=config["std"],
+        resize_size=data.resize_size or trained.get("resize_size", 0),
+    )
+
+
+def split_features(
+    encoder: torch.nn.Module, view: IndexedImages, comm: Comm, opts: ExtractOptions
+) -> torch.Tensor | None:
+    """(N, F) features of a whole split on rank 0 (None elsewhere), sharded by dataset index."""
+    indices, feats = extract_shard(encoder, view, comm, opts)
+    return gather_by_index(indices, feats, len(view), comm)
+
+
+def prototype_assignments(run_dir: Path) -> list[np.ndarray]:
+    """The newest checkpoint's assignment of every training index, per granularity."""
+    ckpt = find_latest(run_dir)
+    if ckpt is None or not (ckpt / CLUSTERS_FILE).is_file():
+        raise UserError(
+            f"{run_dir} has no checkpoint with an E-step result ({CLUSTERS_FILE}): pass the run "
+            "directory of a run that got past its warm-up epochs"
+        )
+    state = load_file(str(ckpt / CLUSTERS_FILE))
+    m = len({key.split(".")[0] for key in state})
+    return [state[f"{i}.assignments"].long().numpy() for i in range(m)]
+
+
+def evaluate_export(
+    export_dir: Path,
+    data: DataConfig,
+    split: str,
+    eval_split: str,
+    protocols: Sequence[str] = PROTOCOLS,
+    comm: Comm | None = None,
+    device: torch.device | None = None,
+    batch_size: int = 256,
+    lowshot_ks: Sequence[int] = (1, 2, 4, 8, 16),
+    lowshot_runs: int = 5,
+    run_dir: Path | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]] | None:
+    """Every requested protocol for the learned features and raw pixels (rank 0; None elsewhere).
+
+    Returns ``{encoder: {metric: value}}`` with flat metric names (``knn200_top1``,
+    ``linear_top1``, ``lowshot_k4_mean``, ``kmeans_nmi``, ...), plus a ``prototypes`` entry with
+    the prototypes' own scores when ``run_dir`` is given.
+    """
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown:
+        raise UserError(f"unknown protocols {unknown}: choose from {list(PROTOCOLS)}")
+    comm = comm or Comm()
+    device = device or torch.device("cpu")
+    model, config = load_exported_backbone(export_dir)
+    model.to(device)
+    data = data_for_export(config, data)
+    splits = [load_split(data, split), load_split(data, eval_split)]
+    label_sets = [labels_of(ds, data) for ds in splits]
+    if label_sets[0] is None or label_sets[1] is None:
+        raise UserError(
+            f"evaluation needs labels: {data.label_column!r} is not a column of {data.source!r}"
+        )
+    labels = [lab for lab in label_sets if lab is not None]
+    views = [IndexedImages(ds, data.image_column, eval_transform(data)) for ds in splits]
+    opts = ExtractOptions(batch_size, 0, device)
+    report: dict[str, dict[str, Any]] = {}
+    for name, encoder in ((RAW, torch.nn.Flatten()), (LEARNED, model)):
+        feats = [split_features(encoder, v, comm, opts) for v in views]
+        if comm.is_main:
+            ready = [f for f in feats if f is not None]
+            report[name] = score_features(ready, labels, protocols, lowshot_ks, lowshot_runs, seed)
+    if not comm.is_main:
+        return None
+    if run_dir is not None:
+        train_labels = labels[0].numpy()
+        report["prototypes"] = {}
+        for m, assign in enumerate(prototype_assignments(run_dir)):
+            if len(assign) != len(train_labels):
+                raise UserError(
+                    f"the run's cluster result covers {len(assign)} images but split {split!r} "
+                    f"has {len(train_labels)}: pass the split the run trained on"
+                )
+            for key, value in clustering_scores(train_labels, assign).items():
+                report["prototypes"][f"k{m}_{key}"] = value
+    return report
+
+
+def score_features(
+    feats: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    protocols: Sequence[str],
+    lowshot_ks: Sequence[int] = (1, 2, 4, 8, 16),
+    lowshot_runs: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Protocols on [gallery/train, query/test] features with their labels (one flat dict)."""
+    (xtr, xte), (ytr, yte) = feats, labels
+    row: dict[str, Any] = {}
+    if "knn" in protocols:
+        row.update(knn_scores(xtr, ytr, xte, yte))
+    if "linear" in protocols:
+        row.update(
+            {f"linear_{k}": v for k, v in linear_probe(xtr, ytr, xte, yte, seed=seed).items()}
+        )
+    if "lowshot" in protocols:
+        fewest = int(torch.bincount(ytr).min())
+        ks = [k for k in lowshot_ks if k <= fewest]
+        if len(ks) < len(lowshot_ks):
+            row["lowshot_skipped_k"] = [k for k in lowshot_ks if k > fewest]
+        for res in lowshot_svm(
+            xtr.numpy(), ytr.numpy(), xte.numpy(), yte.numpy(), ks, lowshot_runs, seed=seed
+        ):
+            row[f"lowshot_k{res.k}_mean"], row[f"lowshot_k{res.k}_std"] = res.mean, res.std
+    if "cluster" in protocols:
+        row.update(
+            {
+                f"kmeans_{k}": v
+                for k, v in kmeans_scores(torch.cat(feats), torch.cat(labels), seed).items()
+            }
+        )
+    return row
+
+
+def format_evaluation(report: dict[str, dict[str, Any]]) -> str:
+    """A markdown table: one row per metric, one column per encoder."""
+    names = list(report)
+    keys: list[str] = []
+    for row in report.values():
+        keys += [k for k in row if k not in keys]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for key in keys:
+        cells = []
+        for name in names:
+            v = report[name].get(key, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""`pcl-scale eval`: every protocol on a tiny run's export, raw pixels beside, 1 vs 2 processes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pcl_scale.cli import main
+from pcl_scale.config import DataConfig, load_config
+from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
+from pcl_scale.metrics import knn_scores
+from pcl_scale.train import train
+
+from .conftest import ROOT, launch_env, make_hf_dataset, tiny_overrides
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset_dir(tmp_path_factory):
+    import datasets
+
+    path = tmp_path_factory.mktemp("eval_data") / "tiny"
+    datasets.DatasetDict(
+        {"train": make_hf_dataset(48, seed=0), "test": make_hf_dataset(16, seed=1)}
+    ).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_dataset_dir):
+    from accelerate.state import AcceleratorState, GradientState
+
+    out = tmp_path_factory.mktemp("eval_run") / "run"
+    train(load_config(None, tiny_overrides(tiny_dataset_dir, out, **{"optim.epochs": 2})))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return out
+
+
+def eval_args(run, data, *extra):
+    return [
+        "eval",
+        str(run / "export"),
+        "--source",
+        str(data),
+        "--lowshot-ks",
+        "1,2,4,32",
+        "--lowshot-runs",
+        "2",
+        *extra,
+    ]
+
+
+def test_every_protocol_for_learned_and_raw_features(tiny_run, tiny_dataset_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    assert (
+        main(
+            [*eval_args(tiny_run, tiny_dataset_dir), "--run-dir", str(tiny_run), "--json", str(out)]
+        )
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert set(report) == {"raw pixels", "pcl backbone", "prototypes"}
+    expected = {
+        "knn200_top1", "knn200_top5", "knn5_top1", "knn5_top5",
+        "linear_top1", "linear_top5", "linear_weight_decay", "linear_val_top1",
+        "lowshot_k1_mean", "lowshot_k1_std", "lowshot_k2_mean", "lowshot_k4_mean",
+        "kmeans_nmi", "kmeans_ami", "kmeans_ari", "kmeans_acc",
+    }  # fmt: skip
+    for name in ("raw pixels", "pcl backbone"):
+        assert expected <= set(report[name]), name
+        assert report[name]["lowshot_skipped_k"] == [32]  # 12 training images per class
+        assert 0.0 <= report[name]["knn200_top1"] <= 100.0
+    # the run clustered 48 training images at K = 12 and 16 (the tiny recipe)
+    assert {"k0_nmi", "k0_ami", "k0_ari", "k0_acc", "k1_ami"} <= set(report["prototypes"])
+    # raw pixels are the eval view flattened: recompute the kNN independently
+    data = DataConfig(source=str(tiny_dataset_dir), image_size=8, resize_size=8)
+    views, labels = [], []
+    for split in ("train", "test"):
+        ds = load_split(data, split)
+        view = IndexedImages(ds, "image", eval_transform(data))
+        views.append(torch.stack([view[i][0].flatten() for i in range(len(view))]))
+        lab = labels_of(ds, data)
+        assert lab is not None
+        labels.append(lab)
+    direct = knn_scores(views[0], labels[0], views[1], labels[1])
+    for key, value in direct.items():
+        assert report["raw pixels"][key] == pytest.approx(value), key
+
+
+def test_sharded_over_two_processes_equals_one(tiny_run, tiny_dataset_dir, tmp_path):
+    args = eval_args(tiny_run, tiny_dataset_dir, "--protocols", "knn,cluster")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    torch.set_num_threads(1)  # as each of the two processes below
+    try:
+        assert main([*args, "--json", str(one)]) == 0
+    finally:
+        torch.set_num_threads(2)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", "29571", "-m", "pcl_scale.cli", *args, "--json", str(two),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=launch_env(), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a.keys() == b.keys()
+    for name in a:
+        assert b[name] == pytest.approx(a[name], abs=1e-6), name
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--protocols", "knn,svm"], "unknown protocols ['svm']"),
+        (["--label-column", "nope"], "'nope'"),
+        (["--lowshot-ks", "1,x"], "--lowshot-ks='1,x'"),
+    ],
+)
+def test_bad_eval_input_is_a_clear_error(tiny_run, tiny_dataset_dir, extra, message, capsys):
+    assert main([*eval_args(tiny_run, tiny_dataset_dir), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_eval_of_a_directory_without_export_is_refused(tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--source", "digits"]) == 2
+    assert "holds no config.json" in capsys.readouterr().err
