@@ -130,6 +130,20 @@ def eval_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def report_main(argv: Sequence[str]) -> int:
+    from pcl_scale.report import write_report
+
+    parser = argparse.ArgumentParser(
+        prog="pcl-scale report",
+        description="Write RUN_DIR/report/report.md with PNG plots of a run.",
+    )
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, help="directory for the report (RUN_DIR/report)")
+    args = parser.parse_args(list(argv))
+    print(write_report(args.run_dir, args.out))
+    return 0
+
+
 def _default_recipe() -> Path:
     for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
         if (base / DEFAULT_RECIPE).is_file():
@@ -152,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="pcl-scale", description="Prototypical Contrastive Learning at scale."
     )
     parser.add_argument("--version", action="version", version=f"pcl-scale {__version__}")
-    commands = {"train": train_main, "eval": eval_main}
+    commands = {"train": train_main, "eval": eval_main, "report": report_main}
     parser.add_argument("command", choices=list(commands), help="what to run")
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])

@@ -201,6 +201,13 @@ class RunConfig:
     max_steps_per_epoch: int = field(
         default=0, metadata=_help("stop each epoch after N steps (0 = full epochs; for smoke runs)")
     )
+    knn_every: int = field(
+        default=0,
+        metadata=_help(
+            "every N epochs, kNN (k=5 and weighted k=200) of the backbone with the training split "
+            "as gallery and data.eval_split as queries, into the metrics log (0 = off)"
+        ),
+    )
     evaluate: bool = field(
         default=True,
         metadata=_help(
@@ -343,6 +350,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         "run.max_steps_per_epoch": cfg.run.max_steps_per_epoch,
         "pcl.queue_size": cfg.pcl.queue_size,
         "run.checkpoint_every_steps": cfg.run.checkpoint_every_steps,
+        "run.knn_every": cfg.run.knn_every,
     }
     for name, value in non_negative.items():
         if value < 0:

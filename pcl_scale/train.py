@@ -51,8 +51,9 @@ from pcl_scale.estep import ExtractOptions, choose_mode, extract_shard, gather_b
 from pcl_scale.export import export_backbone, push_to_hub
 from pcl_scale.kmeans import faiss_available
 from pcl_scale.loss import LossOutput, pcl_loss
-from pcl_scale.metrics import representation_scores
+from pcl_scale.metrics import knn_scores, representation_scores
 from pcl_scale.model import BackboneSpec, PCLModel
+from pcl_scale.report import EMBEDDINGS_FILE, METRICS_FILE
 from pcl_scale.runtime import (
     autocast_context,
     describe_deepspeed,
@@ -64,7 +65,6 @@ from pcl_scale.runtime import (
 )
 from pcl_scale.schedules import learning_rate
 
-METRICS_FILE = "metrics.jsonl"
 # The raw-pixel baseline is computed only when all eval images fit in this many float values.
 RAW_BASELINE_MAX_VALUES = 400_000_000
 
@@ -248,6 +248,10 @@ def _train(cfg: Config, accelerator: Any, stop: StopRequest) -> RunResult:
                 run_dir, epoch - start_epoch, logger.records, clusters, interrupted=True
             )
         state.epoch, state.step_in_epoch = epoch + 1, 0
+        if cfg.run.knn_every and state.epoch % cfg.run.knn_every == 0:
+            knn = monitor_knn(cfg, accelerator, model, comm, extract, train_ds)
+            if knn is not None:
+                logger.log({"event": "knn", "epoch": epoch, **knn}, step=state.global_step)
         last = state.epoch == cfg.optim.epochs
         if last or state.epoch % cfg.run.checkpoint_every == 0:
             save_checkpoint(
@@ -425,12 +429,19 @@ def estep(
         "mode": mode,
         "seconds": time.perf_counter() - start,
     }
+    quantiles = torch.tensor([0.1, 0.5, 0.9])
     for m, c in enumerate(clusters.clusterings):
-        sizes = torch.bincount(c.assignments.long(), minlength=c.num_prototypes)
+        sizes = torch.bincount(c.assignments.long(), minlength=c.num_prototypes).float()
         record[f"k{m}_empty"] = int((sizes == 0).sum())
         record[f"k{m}_max_size"] = int(sizes.max())
-        record[f"k{m}_phi_min"] = float(c.phi.min())
-        record[f"k{m}_phi_max"] = float(c.phi.max())
+        phi = c.phi.float().cpu()
+        for q, size_q, phi_q in zip(
+            (10, 50, 90), sizes.cpu().quantile(quantiles), phi.quantile(quantiles), strict=True
+        ):
+            record[f"k{m}_size_p{q}"] = float(size_q)
+            record[f"k{m}_phi_p{q}"] = float(phi_q)
+        record[f"k{m}_phi_min"] = float(phi.min())
+        record[f"k{m}_phi_max"] = float(phi.max())
     logger.log(record, step=state.global_step)
     return clusters.to(accelerator.device)
 
@@ -661,7 +672,51 @@ def evaluate(
             continue
         fs = [f for f in feats if f is not None]  # rank 0 holds every split
         report[name] = representation_scores(fs, labels, k=5, seed=cfg.run.seed)
+    save_embedding_sample(
+        Path(cfg.run.output_dir), [f for f in learned if f is not None], labels, cfg.run.seed
+    )
     return report
+
+
+def save_embedding_sample(
+    run_dir: Path, feats: list[Tensor], labels: list[Tensor], seed: int, limit: int = 10_000
+) -> None:
+    """A seeded random sample of the final backbone features with labels, for the run report."""
+    from safetensors.torch import save_file
+
+    x, y = torch.cat(feats).float(), torch.cat(labels).long()
+    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit]
+    save_file(
+        {"features": x[keep].contiguous(), "labels": y[keep].contiguous()},
+        str(run_dir / EMBEDDINGS_FILE),
+    )
+
+
+def monitor_knn(
+    cfg: Config, accelerator: Any, model: Any, comm: Comm, extract: ExtractOptions, train_ds: Any
+) -> dict[str, float] | None:
+    """kNN of the online backbone during training (rank 0's result; None elsewhere or unlabelled).
+
+    The gallery is the training split, the queries ``data.eval_split``; both through the
+    deterministic eval view, extracted sharded like the E-step.
+    """
+    if not (cfg.data.label_column and cfg.data.eval_split):
+        return None
+    inner = _unwrap(accelerator, model)
+    sync_buffers(inner, comm)
+    inner.eval()
+    feats, labels = [], []
+    for ds in (train_ds, load_split(cfg.data, cfg.data.eval_split)):
+        view = IndexedImages(ds, cfg.data.image_column, eval_transform(cfg.data))
+        feats.append(_gather_features(inner.encoder_q.backbone, view, comm, extract))
+        labels.append(labels_of(ds, cfg.data))
+    inner.train()
+    if not comm.is_main:
+        return None
+    (gallery, queries), (gallery_labels, query_labels) = feats, labels
+    assert gallery is not None and queries is not None
+    assert gallery_labels is not None and query_labels is not None
+    return knn_scores(gallery, gallery_labels, queries, query_labels)
 
 
 def _gather_features(
