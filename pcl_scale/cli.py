@@ -64,7 +64,13 @@ def eval_main(argv: Sequence[str]) -> int:
 
     from pcl_scale.config import DataConfig
     from pcl_scale.distributed import Comm, init_from_env
-    from pcl_scale.evaluation import PROTOCOLS, evaluate_export, format_evaluation
+    from pcl_scale.evaluation import (
+        OPTIONAL_PROTOCOLS,
+        PROTOCOLS,
+        evaluate_export,
+        format_evaluation,
+    )
+    from pcl_scale.linear_probe import ReferenceSchedule
 
     parser = argparse.ArgumentParser(
         prog="pcl-scale eval",
@@ -83,7 +89,17 @@ def eval_main(argv: Sequence[str]) -> int:
     parser.add_argument("--resize-size", type=int, default=0)
     parser.add_argument("--cache-dir", default=DataConfig.cache_dir)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated")
+    parser.add_argument(
+        "--protocols",
+        default=",".join(PROTOCOLS),
+        help=f"comma-separated, of {', '.join(PROTOCOLS + OPTIONAL_PROTOCOLS)}",
+    )
+    parser.add_argument(
+        "--linear-epochs",
+        type=int,
+        default=100,
+        help="linear_reference: epochs (milestones 60%%, 80%%)",
+    )
     parser.add_argument("--lowshot-ks", default="1,2,4,8,16")
     parser.add_argument("--lowshot-runs", type=int, default=5)
     parser.add_argument("--run-dir", type=Path, help="also score this run's prototypes")
@@ -120,6 +136,10 @@ def eval_main(argv: Sequence[str]) -> int:
         args.lowshot_runs,
         args.run_dir,
         args.seed,
+        ReferenceSchedule(
+            epochs=args.linear_epochs,
+            milestones=(round(0.6 * args.linear_epochs), round(0.8 * args.linear_epochs)),
+        ),
     )
     if report is not None:
         print(format_evaluation(report))

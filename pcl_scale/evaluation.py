@@ -26,11 +26,13 @@ from pcl_scale.distributed import Comm
 from pcl_scale.errors import UserError
 from pcl_scale.estep import ExtractOptions, extract_shard, gather_by_index
 from pcl_scale.export import load_exported_backbone
-from pcl_scale.linear_probe import linear_probe
+from pcl_scale.linear_probe import ReferenceSchedule, linear_probe, linear_reference
 from pcl_scale.lowshot import lowshot_svm
 from pcl_scale.metrics import clustering_scores, kmeans_scores, knn_scores
 
 PROTOCOLS = ("knn", "linear", "lowshot", "cluster")
+# run on request only: it trains through the images for linear_epochs epochs
+OPTIONAL_PROTOCOLS = ("linear_reference",)
 RAW, LEARNED = "raw pixels", "pcl backbone"
 
 
@@ -80,6 +82,7 @@ def evaluate_export(
     lowshot_runs: int = 5,
     run_dir: Path | None = None,
     seed: int = 0,
+    linear_schedule: ReferenceSchedule | None = None,
 ) -> dict[str, dict[str, Any]] | None:
     """Every requested protocol for the learned features and raw pixels (rank 0; None elsewhere).
 
@@ -87,9 +90,11 @@ def evaluate_export(
     ``linear_top1``, ``lowshot_k4_mean``, ``kmeans_nmi``, ...), plus a ``prototypes`` entry with
     the prototypes' own scores when ``run_dir`` is given.
     """
-    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    unknown = sorted(set(protocols) - set(PROTOCOLS) - set(OPTIONAL_PROTOCOLS))
     if unknown:
-        raise UserError(f"unknown protocols {unknown}: choose from {list(PROTOCOLS)}")
+        raise UserError(
+            f"unknown protocols {unknown}: choose from {list(PROTOCOLS + OPTIONAL_PROTOCOLS)}"
+        )
     comm = comm or Comm()
     device = device or torch.device("cpu")
     model, config = load_exported_backbone(export_dir)
@@ -110,6 +115,15 @@ def evaluate_export(
         if comm.is_main:
             ready = [f for f in feats if f is not None]
             report[name] = score_features(ready, labels, protocols, lowshot_ks, lowshot_runs, seed)
+            if "linear_reference" in protocols:
+                augmented = IndexedImages(
+                    splits[0], data.image_column, linear_train_transform(data)
+                )
+                res = linear_reference(
+                    encoder, augmented, labels[0], views[1], labels[1],
+                    linear_schedule or ReferenceSchedule(), device, seed,
+                )  # fmt: skip
+                report[name].update({f"linear_reference_{k}": v for k, v in res.items()})
     if not comm.is_main:
         return None
     if run_dir is not None:
@@ -124,6 +138,20 @@ def evaluate_export(
             for key, value in clustering_scores(train_labels, assign).items():
                 report["prototypes"][f"k{m}_{key}"] = value
     return report
+
+
+def linear_train_transform(data: DataConfig) -> Any:
+    """RandomResizedCrop + horizontal flip, the reference's linear-evaluation augmentation."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.RandomResizedCrop(data.image_size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(data.mean, data.std),
+        ]
+    )
 
 
 def score_features(

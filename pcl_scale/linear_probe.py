@@ -6,10 +6,11 @@ Two protocols:
   logistic regression trained full-batch with L-BFGS on standardised features; the weight decay
   is chosen on a validation part held out of the training split (never on the test split), then
   the classifier is refitted on the whole training split and scored once on the test split.
-* :func:`reference_schedule` describes the reference ImageNet protocol (PCL_SPEC 2.1: frozen
-  backbone in eval mode, fresh fc with N(0, 0.01) weights, SGD lr 5.0, momentum 0.9, no weight
-  decay, batch 256, 100 epochs, x0.1 at 60 and 80, RandomResizedCrop + flip, last-epoch top-1);
-  ``eval/linear.py --protocol reference`` runs it through the images.
+* :func:`linear_reference` is the reference ImageNet protocol (PCL_SPEC 2.1): frozen backbone in
+  eval mode, fresh fc with N(0, 0.01) weights, SGD lr 5.0, momentum 0.9, no weight decay, batch
+  256, 100 epochs, x0.1 at 60 and 80, RandomResizedCrop + flip on the training images, the eval
+  view on the test images, top-1 every epoch and the last epoch's reported (no selection). It
+  runs through the images on one process (``pcl-scale eval --protocols linear_reference``).
 """
 
 from __future__ import annotations
@@ -102,3 +103,75 @@ def linear_probe(
     with torch.no_grad():
         acc = topk_accuracy(model(xt), test_labels, (1, 5))
     return {"top1": acc[1], "top5": acc[5], "weight_decay": best_wd, "val_top1": best_val}
+
+
+def _reference_lr(schedule: ReferenceSchedule, epoch: int) -> float:
+    return schedule.lr * schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
+
+
+def linear_reference(
+    encoder: torch.nn.Module,
+    train_images: torch.utils.data.Dataset,
+    train_labels: Tensor,
+    test_images: torch.utils.data.Dataset,
+    test_labels: Tensor,
+    schedule: ReferenceSchedule = ReferenceSchedule(),
+    device: torch.device | None = None,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Train a linear classifier on a frozen encoder through augmented images.
+
+    Args:
+        encoder: maps a (B, 3, H, W) batch to (B, F) features; kept in eval mode and unchanged.
+        train_images / test_images: yield ``(image tensor, dataset index)`` (augmented / eval view).
+        train_labels / test_labels: (N,) labels by dataset index.
+
+    Returns:
+        ``top1``/``top5`` (%) of the last epoch and ``top1_per_epoch``.
+    """
+    from torch.utils.data import DataLoader
+
+    device = device or torch.device("cpu")
+    encoder = encoder.to(device).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    before = [p.detach().clone() for p in encoder.parameters()]
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    with torch.no_grad():
+        probe = encoder(train_images[0][0][None].to(device))
+    torch.manual_seed(seed)
+    fc = torch.nn.Linear(probe.shape[1], num_classes).to(device)
+    torch.nn.init.normal_(fc.weight, std=0.01)
+    torch.nn.init.zeros_(fc.bias)
+    opt = torch.optim.SGD(
+        fc.parameters(), schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
+    )
+    loader = DataLoader(
+        train_images,
+        batch_size=schedule.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    test_loader = DataLoader(test_images, batch_size=schedule.batch_size)
+    per_epoch, acc = [], {1: 0.0, 5: 0.0}
+    for epoch in range(schedule.epochs):
+        for group in opt.param_groups:
+            group["lr"] = _reference_lr(schedule, epoch)
+        for images, index in loader:
+            with torch.no_grad():
+                feats = encoder(images.to(device))
+            loss = F.cross_entropy(fc(feats), train_labels[index].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        scores, targets = [], []
+        with torch.no_grad():
+            for images, index in test_loader:
+                scores.append(fc(encoder(images.to(device))).cpu())
+                targets.append(test_labels[index])
+        acc = topk_accuracy(torch.cat(scores), torch.cat(targets), (1, 5))
+        per_epoch.append(acc[1])
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, encoder.parameters(), strict=True))
+    if not unchanged:
+        raise RuntimeError("the frozen encoder changed during linear evaluation")
+    return {"top1": acc[1], "top5": acc[5], "top1_per_epoch": per_epoch}

@@ -135,3 +135,15 @@ def test_bad_eval_input_is_a_clear_error(tiny_run, tiny_dataset_dir, extra, mess
 def test_eval_of_a_directory_without_export_is_refused(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--source", "digits"]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+
+
+def test_reference_linear_protocol_trains_through_the_images(tiny_run, tiny_dataset_dir, tmp_path):
+    out = tmp_path / "linear.json"
+    args = eval_args(tiny_run, tiny_dataset_dir, "--protocols", "linear_reference")
+    assert main([*args, "--linear-epochs", "3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for name in ("raw pixels", "pcl backbone"):
+        row = report[name]
+        assert len(row["linear_reference_top1_per_epoch"]) == 3
+        assert row["linear_reference_top1"] == row["linear_reference_top1_per_epoch"][-1]
+        assert 0.0 <= row["linear_reference_top1"] <= row["linear_reference_top5"] <= 100.0

@@ -127,3 +127,12 @@ def test_linear_probe_picks_weight_decay_on_validation_only():
     tr, va = _split_validation(labels, 0.2, 0)
     assert len(set(tr.tolist()) & set(va.tolist())) == 0 and len(tr) + len(va) == 200
     assert torch.bincount(labels[va]).tolist() == [8] * 5  # stratified
+
+
+def test_reference_linear_schedule_is_the_spec():
+    from pcl_scale.linear_probe import _reference_lr, reference_schedule
+
+    s = reference_schedule()
+    assert (s.lr, s.momentum, s.weight_decay, s.batch_size, s.epochs) == (5.0, 0.9, 0.0, 256, 100)
+    lrs = [_reference_lr(s, e) for e in range(100)]
+    assert lrs[59] == 5.0 and lrs[60] == pytest.approx(0.5) and lrs[80] == pytest.approx(0.05)
