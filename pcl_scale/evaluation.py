@@ -88,7 +88,8 @@ def evaluate_export(
 
     Returns ``{encoder: {metric: value}}`` with flat metric names (``knn200_top1``,
     ``linear_top1``, ``lowshot_k4_mean``, ``kmeans_nmi``, ...), plus a ``prototypes`` entry with
-    the prototypes' own scores when ``run_dir`` is given.
+    the prototypes' own scores when ``run_dir`` is given. A label column of equal-length lists
+    is read as multi-label (VOC) targets: low-shot mAP only.
     """
     unknown = sorted(set(protocols) - set(PROTOCOLS) - set(OPTIONAL_PROTOCOLS))
     if unknown:
@@ -115,7 +116,7 @@ def evaluate_export(
         if comm.is_main:
             ready = [f for f in feats if f is not None]
             report[name] = score_features(ready, labels, protocols, lowshot_ks, lowshot_runs, seed)
-            if "linear_reference" in protocols:
+            if "linear_reference" in protocols and labels[0].ndim == 1:
                 augmented = IndexedImages(
                     splits[0], data.image_column, linear_train_transform(data)
                 )
@@ -126,7 +127,7 @@ def evaluate_export(
                 report[name].update({f"linear_reference_{k}": v for k, v in res.items()})
     if not comm.is_main:
         return None
-    if run_dir is not None:
+    if run_dir is not None and labels[0].ndim == 1:
         train_labels = labels[0].numpy()
         report["prototypes"] = {}
         for m, assign in enumerate(prototype_assignments(run_dir)):
@@ -162,9 +163,19 @@ def score_features(
     lowshot_runs: int = 5,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Protocols on [gallery/train, query/test] features with their labels (one flat dict)."""
+    """Protocols on [gallery/train, query/test] features with their labels (one flat dict).
+
+    Labels are (N,) class ids, or (N, C) multi-label targets (1 positive, -1 negative,
+    0 difficult), for which only the low-shot protocol (mAP) applies; the others are listed as
+    skipped.
+    """
     (xtr, xte), (ytr, yte) = feats, labels
     row: dict[str, Any] = {}
+    if ytr.ndim == 2:
+        skipped = [p for p in protocols if p != "lowshot"]
+        if skipped:
+            row["skipped_for_multilabel"] = skipped
+        protocols = [p for p in protocols if p == "lowshot"]
     if "knn" in protocols:
         row.update(knn_scores(xtr, ytr, xte, yte))
     if "linear" in protocols:
@@ -172,7 +183,7 @@ def score_features(
             {f"linear_{k}": v for k, v in linear_probe(xtr, ytr, xte, yte, seed=seed).items()}
         )
     if "lowshot" in protocols:
-        fewest = int(torch.bincount(ytr).min())
+        fewest = int((ytr == 1).sum(0).min() if ytr.ndim == 2 else torch.bincount(ytr).min())
         ks = [k for k in lowshot_ks if k <= fewest]
         if len(ks) < len(lowshot_ks):
             row["lowshot_skipped_k"] = [k for k in lowshot_ks if k > fewest]

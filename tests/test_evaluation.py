@@ -147,3 +147,29 @@ def test_reference_linear_protocol_trains_through_the_images(tiny_run, tiny_data
         assert len(row["linear_reference_top1_per_epoch"]) == 3
         assert row["linear_reference_top1"] == row["linear_reference_top1_per_epoch"][-1]
         assert 0.0 <= row["linear_reference_top1"] <= row["linear_reference_top5"] <= 100.0
+
+
+def test_multilabel_targets_get_lowshot_map(tiny_run, tmp_path):
+    import datasets
+
+    rng = torch.Generator().manual_seed(0)
+    splits = {}
+    for split, n in (("train", 40), ("test", 24)):
+        base = make_hf_dataset(n, seed=n)
+        targets = torch.where(torch.rand(n, 3, generator=rng) < 0.4, 1, -1)
+        targets[:4] = 1  # enough positives of every class
+        targets[5, 0] = 0  # a difficult one
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": base["image"], "targets": targets.tolist()},
+            features=datasets.Features(
+                {"image": datasets.Image(), "targets": datasets.Sequence(datasets.Value("int64"))}
+            ),
+        )
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "voc"))
+    out = tmp_path / "voc.json"
+    args = ["--label-column", "targets", "--protocols", "knn,lowshot", "--json", str(out)]
+    assert main([*eval_args(tiny_run, tmp_path / "voc"), *args]) == 0
+    report = json.loads(out.read_text())
+    for name in ("raw pixels", "pcl backbone"):
+        assert report[name]["skipped_for_multilabel"] == ["knn"]
+        assert 0.0 <= report[name]["lowshot_k2_mean"] <= 100.0  # mAP (%)
