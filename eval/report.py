@@ -1,6 +1,6 @@
 """Write RUN_DIR/report/report.md with PNG plots of a run (the same as ``pcl-scale report``).
 
-    python eval/report.py RUN_DIR
+python eval/report.py RUN_DIR
 """
 
 import sys
