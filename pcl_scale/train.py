@@ -96,18 +96,24 @@ def seed_everything(seed: int) -> None:
 
 
 class JsonlLogger:
-    """Metrics to ``metrics.jsonl`` in the run directory (main process) and to trackers."""
+    """Metrics to ``metrics.jsonl`` in the run directory (main process) and to trackers.
+
+    Each line also carries ``elapsed_s``, seconds since this process started logging (a resumed
+    run starts again from 0).
+    """
 
     def __init__(self, path: Path, accelerator: Any, enabled: bool) -> None:
         self.path, self.accelerator, self.enabled = path, accelerator, enabled
         self.records: list[dict[str, Any]] = []
+        self.start = time.perf_counter()
 
     def log(self, record: dict[str, Any], step: int) -> None:
         self.records.append(record)
         if not self.enabled:
             return
+        elapsed = round(time.perf_counter() - self.start, 4)
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps({**record, "elapsed_s": elapsed}) + "\n")
         numeric = {k: v for k, v in record.items() if isinstance(v, int | float)}
         self.accelerator.log(numeric, step=step)
 
