@@ -1,6 +1,6 @@
 """1 vs 2 CPU processes: training throughput and E-step wall time of the same run.
 
-    python benchmarks/scaling.py                 # digits recipe, 3 epochs (1 warm-up), batch 256
+    python benchmarks/scaling.py                 # digits recipe, 3 epochs (1 warm-up)
 
 Each configuration is a real `accelerate launch launch.py` run of the digits recipe (1 process
 with 2 threads; 2 gloo processes with 1 thread each, the same global batch), logging every step.
@@ -56,9 +56,13 @@ def run(procs: int, args: argparse.Namespace, out: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, help="global batch (default: the recipe's)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
+    if args.batch_size is None:
+        from pcl_scale.config import load_config
+
+        args.batch_size = load_config(ROOT / "configs" / "digits.yaml").optim.batch_size
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for procs in (1, 2):
