@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 import pcl_scale.kmeans as kmeans_module
 from pcl_scale.concentration import concentration
 from pcl_scale.distributed import Comm
-from pcl_scale.estep import ExtractOptions, cluster_sharded, extract_shard, gather_by_index
+from pcl_scale.estep import ExtractOptions, cluster_sharded, extract_all, gather_by_index
 from pcl_scale.kmeans import Backend, faiss_available, kmeans
 from pcl_scale.model import BackboneSpec, PCLModel
 
@@ -73,8 +73,7 @@ def extraction(args: argparse.Namespace, comm: Comm, device: torch.device) -> di
     opts = ExtractOptions(args.batch_size, 0, device)
     comm.barrier()
     t0 = time.perf_counter()
-    idx, feats = extract_shard(model.embed, data, comm, opts)
-    gather_by_index(idx, feats, len(data), comm)
+    extract_all(model.embed, data, comm, opts)
     comm.barrier()
     t_extract = time.perf_counter() - t0
     mine = list(range(comm.rank, len(data), comm.world_size))

@@ -16,20 +16,16 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from pcl_scale.config import DataConfig
 from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
+from pcl_scale.distributed import Comm
 from pcl_scale.errors import UserError
+from pcl_scale.estep import ExtractOptions, extract_all
+from pcl_scale.evaluation import data_for_export
 from pcl_scale.export import load_exported_backbone
 from pcl_scale.metrics import representation_scores
 from pcl_scale.train import format_report
-
-
-@torch.inference_mode()
-def features(model: torch.nn.Module, view: IndexedImages, batch_size: int) -> torch.Tensor:
-    out = [model(images) for images, _ in DataLoader(view, batch_size=batch_size)]
-    return torch.cat(out).float()
 
 
 def evaluate_export(
@@ -41,17 +37,18 @@ def evaluate_export(
     k: int = 5,
 ) -> dict[str, dict[str, float]]:
     model, config = load_exported_backbone(export_dir)
-    data.image_size, data.mean, data.std = config["image_size"], config["mean"], config["std"]
-    data.resize_size = data.resize_size or config["training_config"]["data"]["resize_size"]
+    data = data_for_export(config, data)
     splits = [load_split(data, split), load_split(data, eval_split)]
     views = [IndexedImages(ds, data.image_column, eval_transform(data)) for ds in splits]
     labels = [labels_of(ds, data) for ds in splits]
     if labels[0] is None or labels[1] is None:
         raise UserError("evaluation needs labels: set --label-column")
+    opts = ExtractOptions(batch_size, 0, torch.device("cpu"))
     report = {}
     for name, encoder in (("raw pixels", torch.nn.Flatten()), ("pcl backbone", model)):
-        feats = [features(encoder, v, batch_size) for v in views]
-        report[name] = representation_scores(feats, [labels[0], labels[1]], k=k)
+        feats = [extract_all(encoder, v, Comm(), opts) for v in views]
+        ready = [f for f in feats if f is not None]  # one process: every split
+        report[name] = representation_scores(ready, [labels[0], labels[1]], k=k)
     return report
 
 

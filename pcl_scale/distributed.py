@@ -85,8 +85,8 @@ class Comm:
     def broadcast_buffers(self, module: torch.nn.Module, src: int = 0) -> None:
         """Rank ``src``'s buffers (BatchNorm statistics, ...) everywhere: one broadcast per dtype.
 
-        DDP does this at every forward; an engine that does not (DeepSpeed) needs it before
-        anything that reads the running statistics.
+        DDP does it only at the start of each forward and DeepSpeed never does, so whatever reads
+        running statistics on every rank (the E-step, evaluation, export) calls this first.
         """
         if not self.enabled:
             return

@@ -79,6 +79,15 @@ def extract_shard(
     return torch.cat(indices).long(), torch.cat(feats)
 
 
+def extract_all(
+    embed: Callable[[Tensor], Tensor], dataset: Any, comm: Comm, opts: ExtractOptions
+) -> Tensor | None:
+    """(N, D) features of the whole dataset on rank 0 (None elsewhere): sharded extraction,
+    then :func:`gather_by_index`."""
+    indices, feats = extract_shard(embed, dataset, comm, opts)
+    return gather_by_index(indices, feats, len(dataset), comm)
+
+
 def gather_by_index(indices: Tensor, feats: Tensor, n: int, comm: Comm) -> Tensor | None:
     """Assemble the (N, D) matrix on rank 0 by dataset index (None on other ranks).
 

@@ -24,7 +24,7 @@ from pcl_scale.config import DataConfig
 from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
 from pcl_scale.distributed import Comm
 from pcl_scale.errors import UserError
-from pcl_scale.estep import ExtractOptions, extract_shard, gather_by_index
+from pcl_scale.estep import ExtractOptions, extract_all
 from pcl_scale.export import load_exported_backbone
 from pcl_scale.linear_probe import ReferenceSchedule, linear_probe, linear_reference
 from pcl_scale.lowshot import lowshot_svm
@@ -46,14 +46,6 @@ def data_for_export(config: dict[str, Any], data: DataConfig) -> DataConfig:
         std=config["std"],
         resize_size=data.resize_size or trained.get("resize_size", 0),
     )
-
-
-def split_features(
-    encoder: torch.nn.Module, view: IndexedImages, comm: Comm, opts: ExtractOptions
-) -> torch.Tensor | None:
-    """(N, F) features of a whole split on rank 0 (None elsewhere), sharded by dataset index."""
-    indices, feats = extract_shard(encoder, view, comm, opts)
-    return gather_by_index(indices, feats, len(view), comm)
 
 
 def prototype_assignments(run_dir: Path) -> list[np.ndarray]:
@@ -112,7 +104,7 @@ def evaluate_export(
     opts = ExtractOptions(batch_size, 0, device)
     report: dict[str, dict[str, Any]] = {}
     for name, encoder in ((RAW, torch.nn.Flatten()), (LEARNED, model)):
-        feats = [split_features(encoder, v, comm, opts) for v in views]
+        feats = [extract_all(encoder, v, comm, opts) for v in views]
         if comm.is_main:
             ready = [f for f in feats if f is not None]
             report[name] = score_features(ready, labels, protocols, lowshot_ks, lowshot_runs, seed)

@@ -17,8 +17,9 @@ is used once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +65,7 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-5)
 
 
-def _svm(cost: float, class_weight: dict[int, float] | None = None) -> object:
+def _svm(cost: float, class_weight: dict[int, float] | None = None) -> Any:
     from sklearn.svm import LinearSVC
 
     return LinearSVC(
@@ -83,87 +84,72 @@ def voc_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
     return float(average_precision_score(targets[keep] == 1, scores[keep]))
 
 
-def _fit_single(x: np.ndarray, y: np.ndarray, cost: float) -> object:
+def _fit(model: Any, x: np.ndarray, y: np.ndarray) -> Any:
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
 
-    model = _svm(cost)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(x, y)  # type: ignore[attr-defined]
+        model.fit(x, y)
     return model
 
 
-def _choose_cost_single(
-    x: np.ndarray, y: np.ndarray, k: int, costs: Sequence[float], default: float, seed: int
+def accuracy_score(
+    x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, cost: float
 ) -> float:
-    if k < 2 or len(costs) == 1:
-        return default
-    from sklearn.model_selection import StratifiedKFold
-
-    folds = StratifiedKFold(n_splits=min(k, 3), shuffle=True, random_state=seed)
-    best, best_score = default, -1.0
-    for cost in costs:
-        score = np.mean(
-            [
-                (_fit_single(x[tr], y[tr], cost).predict(x[va]) == y[va]).mean()  # type: ignore[attr-defined]
-                for tr, va in folds.split(x, y)
-            ]
-        )
-        if score > best_score:
-            best, best_score = cost, float(score)
-    return best
+    """Single-label: one-vs-rest LinearSVC on (x, y), accuracy (%) on the test rows."""
+    pred = _fit(_svm(cost), x, y).predict(x_test)
+    return 100.0 * float((pred == y_test).mean())
 
 
-def _fit_multi(x: np.ndarray, t: np.ndarray, cost: float) -> list[object | None]:
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-
-    models: list[object | None] = []
+def map_score(
+    x: np.ndarray, t: np.ndarray, x_test: np.ndarray, t_test: np.ndarray, cost: float
+) -> float:
+    """Multi-label: one LinearSVC per class (difficult rows left out), mAP (%) on the test rows."""
+    aps = []
     for c in range(t.shape[1]):
         keep = t[:, c] != 0
-        y = t[keep, c]
-        if len(np.unique(y)) < 2:
-            models.append(None)
-            continue
-        model = _svm(cost, class_weight={1: 2.0, -1: 1.0})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(x[keep], y)  # type: ignore[attr-defined]
-        models.append(model)
-    return models
-
-
-def _map_multi(models: list[object | None], x: np.ndarray, t: np.ndarray) -> float:
-    aps = []
-    for c, model in enumerate(models):
-        scores = (
-            model.decision_function(x)  # type: ignore[attr-defined]
-            if model is not None
-            else np.zeros(len(x))
-        )
-        aps.append(voc_average_precision(scores, t[:, c]))
+        if len(np.unique(t[keep, c])) < 2:  # a fold without positives (or negatives)
+            scores = np.zeros(len(x_test))
+        else:
+            model = _fit(_svm(cost, class_weight={1: 2.0, -1: 1.0}), x[keep], t[keep, c])
+            scores = model.decision_function(x_test)
+        aps.append(voc_average_precision(scores, t_test[:, c]))
     return 100.0 * float(np.nanmean(aps))
 
 
-def _choose_cost_multi(
-    x: np.ndarray, t: np.ndarray, k: int, costs: Sequence[float], default: float, seed: int
+Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float], float]
+
+
+def choose_cost(
+    x: np.ndarray,
+    t: np.ndarray,
+    k: int,
+    costs: Sequence[float],
+    default: float,
+    seed: int,
+    score: Scorer,
 ) -> float:
+    """The cost with the best mean score over folds of the drawn training images alone.
+
+    Folds are stratified by class for single-label targets; with k < 2 no fold could hold a
+    class out and still learn it, so ``default`` is returned.
+    """
     if k < 2 or len(costs) == 1:
         return default
-    from sklearn.model_selection import KFold
+    from sklearn.model_selection import KFold, StratifiedKFold
 
-    folds = KFold(n_splits=min(k, 3), shuffle=True, random_state=seed)
+    n_splits = min(k, 3)
+    if t.ndim == 1:
+        folds = list(StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(x, t))
+    else:
+        folds = list(KFold(n_splits, shuffle=True, random_state=seed).split(x))
     best, best_score = default, -1.0
     for cost in costs:
-        scores = [
-            _map_multi(_fit_multi(x[tr], t[tr], cost), x[va], t[va]) for tr, va in folds.split(x)
-        ]
-        score = float(np.nanmean(scores))
-        if score > best_score:
-            best, best_score = cost, score
+        mean = float(np.nanmean([score(x[tr], t[tr], x[va], t[va], cost) for tr, va in folds]))
+        if mean > best_score:
+            best, best_score = cost, mean
     return best
 
 
@@ -180,27 +166,19 @@ def lowshot_svm(
 ) -> list[LowShotResult]:
     """Low-shot SVM scores per k: accuracy (%) for (N,) labels, mAP (%) for (N, C) targets."""
     x_train, x_test = _normalise(train_feats), _normalise(test_feats)
-    multi = np.asarray(train_targets).ndim == 2
+    train_targets = np.asarray(train_targets)
+    multi = train_targets.ndim == 2
+    score = map_score if multi else accuracy_score
     out = []
     for k in ks:
         scores, chosen = [], []
         for run in range(runs):
             run_seed = seed * 1000 + run
-            if multi:
-                idx = sample_positives_per_class(train_targets, k, run_seed)
-                cost = _choose_cost_multi(
-                    x_train[idx], train_targets[idx], k, costs, default_cost, run_seed
-                )
-                models = _fit_multi(x_train[idx], train_targets[idx], cost)
-                scores.append(_map_multi(models, x_test, test_targets))
-            else:
-                idx = sample_per_class(train_targets, k, run_seed)
-                cost = _choose_cost_single(
-                    x_train[idx], train_targets[idx], k, costs, default_cost, run_seed
-                )
-                model = _fit_single(x_train[idx], train_targets[idx], cost)
-                pred = model.predict(x_test)  # type: ignore[attr-defined]
-                scores.append(100.0 * float((pred == test_targets).mean()))
+            sample = sample_positives_per_class if multi else sample_per_class
+            idx = sample(train_targets, k, run_seed)
+            x, t = x_train[idx], train_targets[idx]
+            cost = choose_cost(x, t, k, costs, default_cost, run_seed, score)
+            scores.append(score(x, t, x_test, test_targets, cost))
             chosen.append(cost)
         out.append(
             LowShotResult(

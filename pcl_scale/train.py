@@ -47,7 +47,7 @@ from pcl_scale.data import (
 )
 from pcl_scale.distributed import Comm
 from pcl_scale.errors import DataError, DivergedError
-from pcl_scale.estep import ExtractOptions, choose_mode, extract_shard, gather_by_index, run_estep
+from pcl_scale.estep import ExtractOptions, choose_mode, extract_all, run_estep
 from pcl_scale.export import export_backbone, push_to_hub
 from pcl_scale.kmeans import faiss_available
 from pcl_scale.loss import LossOutput, pcl_loss
@@ -205,8 +205,9 @@ def _train(cfg: Config, accelerator: Any, stop: StopRequest) -> RunResult:
     )
     set_deepspeed_batch(accelerator, local_batch)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if describe_deepspeed(accelerator):
-        accelerator.print(f"DeepSpeed: {describe_deepspeed(accelerator)}")
+    deepspeed_settings = describe_deepspeed(accelerator)
+    if deepspeed_settings:
+        accelerator.print(f"DeepSpeed: {deepspeed_settings}")
     layout = Layout(distributed_kind(accelerator), comm.world_size)
     state, clusters = TrainState(), None
     resume_path = resolve_resume(cfg.run.resume, run_dir)
@@ -471,10 +472,10 @@ class EpochContext:
     epoch: int
     steps: int  # optimizer steps in this epoch
     layout: Layout
+    autocast: Callable[[], Any] = field(init=False)
 
-    @property
-    def autocast(self) -> Callable[[], Any]:
-        return autocast_context(self.accelerator, self.cfg)
+    def __post_init__(self) -> None:
+        self.autocast = autocast_context(self.accelerator, self.cfg)
 
 
 def steps_per_epoch(cfg: Config, n: int, world_size: int, local_batch: int) -> int:
@@ -652,24 +653,14 @@ def evaluate(
     on the union. Without an eval split only k-means on the training split is reported. Raw
     pixels are the same eval view, flattened (skipped when too large to hold).
     """
-    inner = _unwrap(accelerator, model)
-    sync_buffers(inner, comm)
-    inner.eval()
     splits = [train_ds] + (
         [load_split(cfg.data, cfg.data.eval_split)] if cfg.data.eval_split else []
     )
-    learned, raw, labels = [], [], []
     pixels = 3 * cfg.data.image_size**2
     with_raw = pixels * sum(len(ds) for ds in splits) <= RAW_BASELINE_MAX_VALUES
-    for ds in splits:
-        view = IndexedImages(ds, cfg.data.image_column, eval_transform(cfg.data))
-        learned.append(_gather_features(inner.encoder_q.backbone, view, comm, extract))
-        if with_raw:
-            raw.append(_gather_features(torch.nn.Flatten(), view, comm, extract))
-        lab = labels_of(ds, cfg.data)
-        assert lab is not None
-        labels.append(lab)
-    inner.train()
+    learned, raw, labels = labelled_features(
+        cfg, accelerator, model, comm, extract, splits, with_raw
+    )
     if not comm.is_main:
         return None
     report = {}
@@ -708,29 +699,46 @@ def monitor_knn(
     """
     if not (cfg.data.label_column and cfg.data.eval_split):
         return None
-    inner = _unwrap(accelerator, model)
-    sync_buffers(inner, comm)
-    inner.eval()
-    feats, labels = [], []
-    for ds in (train_ds, load_split(cfg.data, cfg.data.eval_split)):
-        view = IndexedImages(ds, cfg.data.image_column, eval_transform(cfg.data))
-        feats.append(_gather_features(inner.encoder_q.backbone, view, comm, extract))
-        labels.append(labels_of(ds, cfg.data))
-    inner.train()
+    splits = [train_ds, load_split(cfg.data, cfg.data.eval_split)]
+    feats, _, labels = labelled_features(cfg, accelerator, model, comm, extract, splits, False)
     if not comm.is_main:
         return None
     (gallery, queries), (gallery_labels, query_labels) = feats, labels
     assert gallery is not None and queries is not None
-    assert gallery_labels is not None and query_labels is not None
     return knn_scores(gallery, gallery_labels, queries, query_labels)
 
 
-def _gather_features(
-    embed: Callable[[Tensor], Tensor], view: IndexedImages, comm: Comm, extract: ExtractOptions
-) -> Tensor | None:
+def labelled_features(
+    cfg: Config,
+    accelerator: Any,
+    model: Any,
+    comm: Comm,
+    extract: ExtractOptions,
+    splits: list[Any],
+    with_raw: bool,
+) -> tuple[list[Tensor | None], list[Tensor | None], list[Tensor]]:
+    """Online-backbone features (and raw pixels) of each split's eval view, with labels.
+
+    Features are extracted sharded and assembled on rank 0 (None elsewhere), after rank 0's
+    BatchNorm statistics are made everyone's.
+    """
+    inner = _unwrap(accelerator, model)
+    sync_buffers(inner, comm)
+    inner.eval()
     opts = dataclasses.replace(extract, progress=False)
-    indices, feats = extract_shard(embed, view, comm, opts)
-    return gather_by_index(indices, feats, len(view), comm)
+    learned: list[Tensor | None] = []
+    raw: list[Tensor | None] = []
+    labels = []
+    for ds in splits:
+        view = IndexedImages(ds, cfg.data.image_column, eval_transform(cfg.data))
+        learned.append(extract_all(inner.encoder_q.backbone, view, comm, opts))
+        if with_raw:
+            raw.append(extract_all(torch.nn.Flatten(), view, comm, opts))
+        lab = labels_of(ds, cfg.data)
+        assert lab is not None
+        labels.append(lab)
+    inner.train()
+    return learned, raw, labels
 
 
 def _flatten_eval(evaluation: dict[str, dict[str, float]] | None) -> dict[str, float]:

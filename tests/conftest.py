@@ -43,16 +43,25 @@ def make_hf_dataset(n: int = 48, size: int = 8, classes: int = 4, seed: int = 0,
     return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
 
 
-@pytest.fixture
-def tiny_dataset_dir(tmp_path: Path) -> Path:
+def write_tiny_dataset(path: Path) -> Path:
     """A save_to_disk DatasetDict with train (48) and test (16) splits of 8x8 images."""
     import datasets
 
-    path = tmp_path / "tiny"
     datasets.DatasetDict(
         {"train": make_hf_dataset(48, seed=0), "test": make_hf_dataset(16, seed=1)}
     ).save_to_disk(str(path))
     return path
+
+
+@pytest.fixture
+def tiny_dataset_dir(tmp_path: Path) -> Path:
+    return write_tiny_dataset(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="module")
+def module_tiny_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny dataset, written once for a module whose fixtures outlive one test."""
+    return write_tiny_dataset(tmp_path_factory.mktemp("module_data") / "tiny")
 
 
 def tiny_overrides(data_dir: Path, out_dir: Path, **extra: object) -> list[str]:

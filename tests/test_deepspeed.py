@@ -16,7 +16,7 @@ from pcl_scale.errors import UserError
 from pcl_scale.export import load_exported_backbone
 from pcl_scale.runtime import check_deepspeed_config
 
-from .conftest import ROOT, launch_and_dump, launch_env, make_hf_dataset, tiny_overrides
+from .conftest import ROOT, launch_and_dump, launch_env, tiny_overrides
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -30,25 +30,14 @@ def losses(history):
 
 
 @pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    import datasets
-
-    path = tmp_path_factory.mktemp("ds_data") / "tiny"
-    datasets.DatasetDict(
-        {"train": make_hf_dataset(48, seed=0), "test": make_hf_dataset(16, seed=1)}
-    ).save_to_disk(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def fp32_runs(tmp_path_factory, dataset_dir):
+def fp32_runs(tmp_path_factory, module_tiny_dataset_dir):
     """The same 3-epoch run (9 steps, two E-steps) under DDP, ZeRO-2 and ZeRO-3."""
     runs = {}
     names = ("cpu_2proc", "cpu_2proc_zero2", "cpu_2proc_zero3")
     for port, name in zip((29541, 29542, 29543), names, strict=True):
         tmp = tmp_path_factory.mktemp(name)
         histories, _, clusters = launch_and_dump(
-            tmp, dataset_dir, [accel_config(name)], port, **{"run.keep_checkpoints": 3}
+            tmp, module_tiny_dataset_dir, [accel_config(name)], port, **{"run.keep_checkpoints": 3}
         )
         runs[name] = (tmp, histories, clusters)
     return runs
@@ -89,7 +78,9 @@ def test_zero3_export_is_the_consolidated_weights_and_loads_into_torchvision(fp3
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 512)
 
 
-def test_resume_from_a_zero3_checkpoint_continues_the_trajectory(fp32_runs, dataset_dir, tmp_path):
+def test_resume_from_a_zero3_checkpoint_continues_the_trajectory(
+    fp32_runs, module_tiny_dataset_dir, tmp_path
+):
     src, histories, _ = fp32_runs["cpu_2proc_zero3"]
     step6 = src / "run" / "checkpoints" / "step_000000006"
     assert (step6 / "pytorch_model").is_dir()  # DeepSpeed's own sharded checkpoint
@@ -100,7 +91,7 @@ def test_resume_from_a_zero3_checkpoint_continues_the_trajectory(fp32_runs, data
     shutil.copytree(step6, out / "checkpoints" / step6.name)
     resumed, _, _ = launch_and_dump(
         tmp_path,
-        dataset_dir,
+        module_tiny_dataset_dir,
         [accel_config("cpu_2proc_zero3")],
         29544,
         out_dir=out,
@@ -123,10 +114,10 @@ def test_resume_from_a_zero3_checkpoint_continues_the_trajectory(fp32_runs, data
     ],
     ids=["zero2-resnet18", "zero3-resnet18", "zero3-vit_tiny", "zero2-resnet50", "zero3-vit_small"],
 )
-def test_bf16_trains_under_zero(name, extra, port, dataset_dir, tmp_path):
+def test_bf16_trains_under_zero(name, extra, port, module_tiny_dataset_dir, tmp_path):
     histories, _, clusters = launch_and_dump(
         tmp_path,
-        dataset_dir,
+        module_tiny_dataset_dir,
         [accel_config(name)],
         port,
         **{"run.mixed_precision": "bf16", "optim.epochs": 2, **extra},
@@ -191,7 +182,8 @@ def test_contradictory_deepspeed_config_is_refused(ds, match, tmp_path):
     cfg = _tiny_cfg(tmp_path)  # batch 8 on 2 processes: 4 per process
     with pytest.raises(ConfigError, match=match):
         check_deepspeed_config({"zero_optimization": {"stage": 2}, **ds}, cfg, 2)
-    check_deepspeed_config({"zero_optimization": {"stage": 2}}, cfg, 2)  # the shipped form
+    for shipped in sorted((ROOT / "ds_configs").glob("*.json")):  # every shipped config passes
+        check_deepspeed_config(json.loads(shipped.read_text()), cfg, 2)
 
 
 def test_cli_refuses_a_deepspeed_optimizer_without_writing(tmp_path, monkeypatch, capsys):

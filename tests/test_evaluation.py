@@ -26,22 +26,11 @@ def fresh_accelerate_state():
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset_dir(tmp_path_factory):
-    import datasets
-
-    path = tmp_path_factory.mktemp("eval_data") / "tiny"
-    datasets.DatasetDict(
-        {"train": make_hf_dataset(48, seed=0), "test": make_hf_dataset(16, seed=1)}
-    ).save_to_disk(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_dataset_dir):
+def tiny_run(tmp_path_factory, module_tiny_dataset_dir):
     from accelerate.state import AcceleratorState, GradientState
 
     out = tmp_path_factory.mktemp("eval_run") / "run"
-    train(load_config(None, tiny_overrides(tiny_dataset_dir, out, **{"optim.epochs": 2})))
+    train(load_config(None, tiny_overrides(module_tiny_dataset_dir, out, **{"optim.epochs": 2})))
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     return out
@@ -61,11 +50,17 @@ def eval_args(run, data, *extra):
     ]
 
 
-def test_every_protocol_for_learned_and_raw_features(tiny_run, tiny_dataset_dir, tmp_path):
+def test_every_protocol_for_learned_and_raw_features(tiny_run, module_tiny_dataset_dir, tmp_path):
     out = tmp_path / "eval.json"
     assert (
         main(
-            [*eval_args(tiny_run, tiny_dataset_dir), "--run-dir", str(tiny_run), "--json", str(out)]
+            [
+                *eval_args(tiny_run, module_tiny_dataset_dir),
+                "--run-dir",
+                str(tiny_run),
+                "--json",
+                str(out),
+            ]
         )
         == 0
     )
@@ -84,7 +79,7 @@ def test_every_protocol_for_learned_and_raw_features(tiny_run, tiny_dataset_dir,
     # the run clustered 48 training images at K = 12 and 16 (the tiny recipe)
     assert {"k0_nmi", "k0_ami", "k0_ari", "k0_acc", "k1_ami"} <= set(report["prototypes"])
     # raw pixels are the eval view flattened: recompute the kNN independently
-    data = DataConfig(source=str(tiny_dataset_dir), image_size=8, resize_size=8)
+    data = DataConfig(source=str(module_tiny_dataset_dir), image_size=8, resize_size=8)
     views, labels = [], []
     for split in ("train", "test"):
         ds = load_split(data, split)
@@ -98,8 +93,8 @@ def test_every_protocol_for_learned_and_raw_features(tiny_run, tiny_dataset_dir,
         assert report["raw pixels"][key] == pytest.approx(value), key
 
 
-def test_sharded_over_two_processes_equals_one(tiny_run, tiny_dataset_dir, tmp_path):
-    args = eval_args(tiny_run, tiny_dataset_dir, "--protocols", "knn,cluster")
+def test_sharded_over_two_processes_equals_one(tiny_run, module_tiny_dataset_dir, tmp_path):
+    args = eval_args(tiny_run, module_tiny_dataset_dir, "--protocols", "knn,cluster")
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     torch.set_num_threads(1)  # as each of the two processes below
     try:
@@ -126,8 +121,8 @@ def test_sharded_over_two_processes_equals_one(tiny_run, tiny_dataset_dir, tmp_p
         (["--lowshot-ks", "1,x"], "--lowshot-ks='1,x'"),
     ],
 )
-def test_bad_eval_input_is_a_clear_error(tiny_run, tiny_dataset_dir, extra, message, capsys):
-    assert main([*eval_args(tiny_run, tiny_dataset_dir), *extra]) == 2
+def test_bad_eval_input_is_a_clear_error(tiny_run, module_tiny_dataset_dir, extra, message, capsys):
+    assert main([*eval_args(tiny_run, module_tiny_dataset_dir), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
@@ -137,9 +132,11 @@ def test_eval_of_a_directory_without_export_is_refused(tmp_path, capsys):
     assert "holds no config.json" in capsys.readouterr().err
 
 
-def test_reference_linear_protocol_trains_through_the_images(tiny_run, tiny_dataset_dir, tmp_path):
+def test_reference_linear_protocol_trains_through_the_images(
+    tiny_run, module_tiny_dataset_dir, tmp_path
+):
     out = tmp_path / "linear.json"
-    args = eval_args(tiny_run, tiny_dataset_dir, "--protocols", "linear_reference")
+    args = eval_args(tiny_run, module_tiny_dataset_dir, "--protocols", "linear_reference")
     assert main([*args, "--linear-epochs", "3", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     for name in ("raw pixels", "pcl backbone"):

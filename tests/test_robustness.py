@@ -144,37 +144,26 @@ TWO_PROC = {
 
 
 @pytest.fixture(scope="module")
-def two_proc_data(tmp_path_factory):
-    import datasets
-
-    from .conftest import make_hf_dataset
-
-    path = tmp_path_factory.mktemp("robust") / "tiny"
-    datasets.DatasetDict(
-        {"train": make_hf_dataset(48, seed=0), "test": make_hf_dataset(16, seed=1)}
-    ).save_to_disk(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, two_proc_data):
+def uninterrupted(tmp_path_factory, module_tiny_dataset_dir):
     config = ["--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")]
     tmp = tmp_path_factory.mktemp("straight")
-    histories, _, clusters = launch_and_dump(tmp, two_proc_data, [config], 29561, **TWO_PROC)
+    histories, _, clusters = launch_and_dump(
+        tmp, module_tiny_dataset_dir, [config], 29561, **TWO_PROC
+    )
     return histories, clusters
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("sig, port", [(signal.SIGKILL, 29562), (signal.SIGTERM, 29564)])
 def test_two_processes_interrupted_then_resumed_match_uninterrupted(
-    sig, port, tmp_path, two_proc_data, uninterrupted
+    sig, port, tmp_path, module_tiny_dataset_dir, uninterrupted
 ):
     """SIGKILL: a scheduler's hard kill; SIGTERM: a preemption notice to every worker."""
     straight, straight_clusters = uninterrupted
     config = ["--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")]
     out = tmp_path / "interrupted"
     (cmd,) = launch_commands(
-        tmp_path, two_proc_data, [config], port, out, tmp_path / "x", **TWO_PROC
+        tmp_path, module_tiny_dataset_dir, [config], port, out, tmp_path / "x", **TWO_PROC
     )
     proc = subprocess.Popen(
         cmd, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -204,7 +193,7 @@ def test_two_processes_interrupted_then_resumed_match_uninterrupted(
         assert state["global_step"] == stopped_at  # the stop checkpoint, written by both ranks
     resumed, _, resumed_clusters = launch_and_dump(
         tmp_path / "b",
-        two_proc_data,
+        module_tiny_dataset_dir,
         [config],
         port + 1,
         out_dir=out,
