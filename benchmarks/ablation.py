@@ -40,7 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     from pcl_scale.config import load_config
 
-    epochs = load_config(ROOT / args.config, args.overrides).optim.epochs
+    recipe = load_config(ROOT / args.config, args.overrides)
+    epochs, max_samples = recipe.optim.epochs, recipe.data.max_samples
     rows: dict[str, list[dict[str, float]]] = {"pcl": [], "infonce": [], "raw": []}
     for seed in args.seeds:
         for variant in ("pcl", "infonce"):
@@ -51,7 +52,8 @@ def main() -> None:
             report = run / "eval.json"
             proto = ["--run-dir", str(run)] if variant == "pcl" else []
             cli("eval", str(run / "export"), "--source", args.source,
-                "--protocols", "knn,linear,cluster", "--json", str(report), *proto)  # fmt: skip
+                "--protocols", "knn,linear,cluster", "--json", str(report),
+                "--max-samples", str(max_samples), *proto)  # fmt: skip
             result = json.loads(report.read_text())
             row = dict(result["pcl backbone"])
             if "prototypes" in result:  # the coarsest granularity (the recipe's first K)

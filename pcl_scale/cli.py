@@ -88,6 +88,12 @@ def eval_main(argv: Sequence[str]) -> int:
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--resize-size", type=int, default=0)
     parser.add_argument("--cache-dir", default=DataConfig.cache_dir)
+    parser.add_argument(
+        "--max-samples",
+        type=int,
+        default=0,
+        help="use the first N samples of each split, as data.max_samples (0 = all)",
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
         "--protocols",
@@ -111,6 +117,8 @@ def eval_main(argv: Sequence[str]) -> int:
             f"{args.export_dir} holds no config.json: pass a run's export directory "
             "(RUN_DIR/export)"
         )
+    if args.max_samples < 0:
+        raise UserError(f"--max-samples={args.max_samples}: give 0 (all) or a positive count")
     try:
         ks = [int(k) for k in args.lowshot_ks.split(",") if k]
     except ValueError as err:
@@ -122,6 +130,7 @@ def eval_main(argv: Sequence[str]) -> int:
         label_column=args.label_column,
         resize_size=args.resize_size,
         cache_dir=args.cache_dir,
+        max_samples=args.max_samples,
     )
     report = evaluate_export(
         args.export_dir,

@@ -125,8 +125,8 @@ def evaluate_export(
         for m, assign in enumerate(prototype_assignments(run_dir)):
             if len(assign) != len(train_labels):
                 raise UserError(
-                    f"the run's cluster result covers {len(assign)} images but split {split!r} "
-                    f"has {len(train_labels)}: pass the split the run trained on"
+                    f"the run's cluster result covers {len(assign)} images but split {split!r} has "
+                    f"{len(train_labels)}: pass the split (and --max-samples) the run trained on"
                 )
             for key, value in clustering_scores(train_labels, assign).items():
                 report["prototypes"][f"k{m}_{key}"] = value

@@ -2,8 +2,10 @@
 
 For each granularity the reference draws r negative prototypes uniformly without replacement from
 the prototypes that are not the positive of any sample in the local batch (every id 0..K-1 is
-eligible, the last one included). Here the draw is a boolean mask plus a seeded ``randperm``: no
-Python sets on the training path, reproducible from the generator's state.
+eligible, the last one included). Here the draw is a seeded ``randperm`` of all K ids whose first
+r eligible entries are located by a cumulative count and ``searchsorted``: no Python sets and no
+data-dependent shapes, so the draw never makes the GPU wait for the host (``nonzero`` would, once
+per granularity and step), and it is reproducible from the generator's state.
 """
 
 from __future__ import annotations
@@ -27,18 +29,22 @@ def sample_negative_prototypes(
         (r,) int64 negative ids on ``pos_ids.device``.
 
     Raises:
-        ValueError: when fewer than ``r`` prototypes are eligible.
+        ValueError: when ``K < r + B``, the condition under which r eligible prototypes are
+            guaranteed whatever the batch's positives (``pcl.r`` is validated against it).
     """
+    batch = pos_ids.numel()
+    if num_prototypes - batch < r:
+        raise ValueError(
+            f"cannot draw r={r} negative prototypes from K={num_prototypes} prototypes with "
+            f"{batch} samples in the local batch (up to {batch} of them are positives). Lower r "
+            f"(pcl.r) to at most {num_prototypes - batch} or use more clusters: every granularity "
+            "needs K >= r + local batch size."
+        )
     eligible = torch.ones(num_prototypes, dtype=torch.bool, device=pos_ids.device)
     eligible[pos_ids] = False
-    candidates = torch.nonzero(eligible).squeeze(1)  # (K - |unique(pos_ids)|,)
-    n = candidates.numel()
-    if n < r:
-        raise ValueError(
-            f"cannot draw r={r} negative prototypes: only {n} of K={num_prototypes} prototypes "
-            f"are not a positive of the {pos_ids.numel()} samples in the local batch "
-            f"({num_prototypes - n} distinct positives). Lower r (pcl.r) below {n} or use more "
-            f"clusters: every granularity needs K >= r + local batch size."
-        )
-    perm = torch.randperm(n, generator=generator, device=generator.device)[:r]
-    return candidates[perm.to(candidates.device)]
+    perm = torch.randperm(num_prototypes, generator=generator, device=generator.device)
+    perm = perm.to(pos_ids.device)
+    # the j-th eligible id in permutation order sits where the running count first reaches j
+    count = torch.cumsum(eligible[perm], dim=0)
+    wanted = torch.arange(1, r + 1, device=pos_ids.device, dtype=count.dtype)
+    return perm[torch.searchsorted(count, wanted)]

@@ -119,12 +119,21 @@ def test_sharded_over_two_processes_equals_one(tiny_run, module_tiny_dataset_dir
         (["--protocols", "knn,svm"], "unknown protocols ['svm']"),
         (["--label-column", "nope"], "'nope'"),
         (["--lowshot-ks", "1,x"], "--lowshot-ks='1,x'"),
+        (["--max-samples", "-1"], "--max-samples=-1"),
     ],
 )
 def test_bad_eval_input_is_a_clear_error(tiny_run, module_tiny_dataset_dir, extra, message, capsys):
     assert main([*eval_args(tiny_run, module_tiny_dataset_dir), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_max_samples_limits_the_split(tiny_run, module_tiny_dataset_dir, capsys):
+    # the run clustered all 48 training images; the first 24 cannot be scored against them
+    args = eval_args(tiny_run, module_tiny_dataset_dir, "--protocols", "cluster")
+    assert main([*args, "--max-samples", "24", "--run-dir", str(tiny_run)]) == 2
+    err = capsys.readouterr().err
+    assert "covers 48 images but split 'train' has 24" in err and "Traceback" not in err
 
 
 def test_eval_of_a_directory_without_export_is_refused(tmp_path, capsys):

@@ -50,7 +50,29 @@ def test_reproducible_from_seed():
     assert not torch.equal(a, c)
 
 
+def test_first_r_eligible_ids_of_the_seeded_permutation():
+    pos = torch.tensor([4, 9, 9, 0, 31])
+    neg = sample_negative_prototypes(pos, 32, 20, torch.Generator().manual_seed(3))
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(3)).tolist()
+    slow = [i for i in perm if i not in set(pos.tolist())][:20]  # the plain-Python reference
+    assert neg.tolist() == slow
+
+
 def test_too_few_eligible_names_k_r_and_batch():
     pos = torch.arange(8)
     with pytest.raises(ValueError, match=r"r=5.*K=12.*8 samples"):
         sample_negative_prototypes(pos, 12, 5, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_draw_never_waits_for_the_host():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pos = torch.randint(100_000, (256,), device="cuda")
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host synchronisation raises
+    try:
+        neg = sample_negative_prototypes(pos, 100_000, 16_000, g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert neg.unique().numel() == 16_000
+    assert not torch.isin(neg, pos).any()
