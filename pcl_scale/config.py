@@ -113,6 +113,13 @@ class PCLConfig:
     )
     warmup_epochs: int = field(default=20, metadata=_help("epochs of InfoNCE only, no E-step"))
     momentum: float = field(default=0.999, metadata=_help("EMA momentum of the key encoder"))
+    queue_init: str = field(
+        default="keys",
+        metadata=_help(
+            "'keys': fill the queue with keys of real training images before the first step; "
+            "'random': random unit vectors, as the reference"
+        ),
+    )
 
     @property
     def queue_length(self) -> int:
@@ -301,6 +308,7 @@ _CHOICES = {
     ("data", "aug"): ("aug", "aug_plus"),
     ("data", "on_bad_image"): ("fail", "skip"),
     ("model", "head"): ("linear", "mlp"),
+    ("pcl", "queue_init"): ("keys", "random"),
     ("estep", "backend"): ("auto", "torch", "faiss"),
     ("estep", "mode"): ("auto", "gather", "sharded"),
     ("estep", "init"): ("random", "kmeans++"),
