@@ -538,6 +538,8 @@ def train_one_epoch(
         if state.global_step % cfg.run.log_every == 0 or finished:
             record = meter.summary(ctx.accelerator, comm, run_dir)
             record.update(epoch=ctx.epoch, step=state.global_step, lr=lr)
+            # mean cosine between queued keys (self-pairs included): near 1 means collapse
+            record["queue_mean_cos"] = float(inner.queue.float().mean(dim=0).pow(2).sum())
             ctx.logger.log(record, step=state.global_step)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             meter = Meter(ctx.accelerator.device)

@@ -1,15 +1,21 @@
 """The queue starts full of real keys (pcl.queue_init='keys'), not random vectors."""
 
 import contextlib
+import json
 
+import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+from pcl_scale.checkpoint import find_latest
 from pcl_scale.config import load_config
 from pcl_scale.distributed import Comm
 from pcl_scale.model import BackboneSpec, PCLModel
-from pcl_scale.train import fill_queue
+from pcl_scale.train import fill_queue, train
+
+from .conftest import tiny_overrides
 
 
 class KeyViews(Dataset):
@@ -57,3 +63,23 @@ def test_same_seed_same_queue_other_seed_other_order():
     a, b, c = filled(0), filled(0), filled(1)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("init", ["keys", "random"])
+def test_training_logs_the_fill_and_the_queue_mean_cosine(tiny_dataset_dir, tmp_path, init):
+    from accelerate.state import AcceleratorState, GradientState
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_dataset_dir, out, **{"optim.epochs": 1})
+    try:
+        train(load_config(None, [*overrides, "run.log_every=1", f"pcl.queue_init={init}"]))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    fills = [r for r in records if r.get("event") == "queue_fill"]
+    assert len(fills) == (1 if init == "keys" else 0)
+    steps = [r for r in records if "loss" in r]
+    queue = load_file(str(find_latest(out) / "model.safetensors"))["queue"].float()
+    direct = float((queue @ queue.t()).mean())  # the slow reference: every pair
+    assert steps[-1]["queue_mean_cos"] == pytest.approx(direct, abs=1e-5)
