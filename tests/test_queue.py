@@ -80,6 +80,8 @@ def test_training_logs_the_fill_and_the_queue_mean_cosine(tiny_dataset_dir, tmp_
     fills = [r for r in records if r.get("event") == "queue_fill"]
     assert len(fills) == (1 if init == "keys" else 0)
     steps = [r for r in records if "loss" in r]
-    queue = load_file(str(find_latest(out) / "model.safetensors"))["queue"].float()
+    ckpt = find_latest(out)
+    assert ckpt is not None
+    queue = load_file(str(ckpt / "model.safetensors"))["queue"].float()
     direct = float((queue @ queue.t()).mean())  # the slow reference: every pair
     assert steps[-1]["queue_mean_cos"] == pytest.approx(direct, abs=1e-5)
