@@ -101,13 +101,16 @@ def test_invariant_to_prototype_permutation():
     protos = unit(k_protos, 8, seed=0)
     phi = torch.rand(k_protos, generator=torch.Generator().manual_seed(1)) * 0.3 + 0.05
     assignments = torch.randint(k_protos, (40,), generator=torch.Generator().manual_seed(2))
+    index = torch.arange(b) * 3
+    # distinct positives, so that r = K - B draws every eligible prototype whatever the order
+    assignments[index] = torch.randperm(k_protos, generator=torch.Generator().manual_seed(7))[:b]
     perm = torch.randperm(k_protos, generator=torch.Generator().manual_seed(3))  # new id of old
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(k_protos)
     permuted = Clustering(protos[inv], phi[inv], perm[assignments])
     q, k, queue = unit(b, 8, seed=4), unit(b, 8, seed=5), unit(10, 8, seed=6)
-    index = torch.arange(b) * 3
     r = k_protos - int(assignments[index].unique().numel())  # all eligible: same negative set
+    assert r == k_protos - b
     a = pcl_loss(
         q,
         k,

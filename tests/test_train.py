@@ -70,7 +70,8 @@ def test_checkpoints_are_complete_and_pruned(tmp_path, tiny_dataset_dir):
     clusters = ClusterResult.from_state_dict(load_file(str(last / "clusters.safetensors")))
     assert [c.num_prototypes for c in clusters.clusterings] == [12, 16]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "loss_inst", "acc_inst", "lr"} <= set(records[0])
+    assert records[0]["event"] == "queue_fill"
+    assert {"loss", "loss_inst", "acc_inst", "lr", "queue_mean_cos"} <= set(records[1])
     assert (out / "config.yaml").is_file()
 
 
