@@ -179,7 +179,8 @@ def _train(cfg: Config, accelerator: Any, stop: StopRequest) -> RunResult:
             f"training samples: every K must be at most {n}"
         )
     local_batch = cfg.optim.batch_size // (comm.world_size * cfg.optim.grad_accum)
-    train_view = IndexedImages(train_ds, cfg.data.image_column, train_transform(cfg.data))
+    two_views = train_transform(cfg.data)
+    train_view = IndexedImages(train_ds, cfg.data.image_column, two_views)
     eval_view = IndexedImages(train_ds, cfg.data.image_column, eval_transform(cfg.data))
     if steps_per_epoch(cfg, n, comm.world_size, local_batch) == 0:
         raise ConfigError(
@@ -228,7 +229,8 @@ def _train(cfg: Config, accelerator: Any, stop: StopRequest) -> RunResult:
     if resume_path is None and cfg.pcl.queue_init == "keys":
         t0 = time.perf_counter()
         model.train()
-        fill_queue(cfg, _unwrap(accelerator, model), train_view, comm, local_batch,
+        key_view = IndexedImages(train_ds, cfg.data.image_column, two_views.transform)
+        fill_queue(cfg, _unwrap(accelerator, model), key_view, comm, local_batch,
                    autocast_context(accelerator, cfg))  # fmt: skip
         logger.log({"event": "queue_fill", "seconds": time.perf_counter() - t0}, 0)
     start_epoch = state.epoch
@@ -603,6 +605,8 @@ def fill_queue(
     0.9999 between queued keys and ProtoNCE at chance; with this fill, 0.02). Here the key
     encoder embeds a seeded random draw of key views (shuffled BatchNorm as in training, the
     same batches on every rank), the keys are all-gathered and fill the queue, pointer at 0.
+
+    ``view`` yields ``(key view, index)``: one augmentation per image, not the training pair.
     """
     size = inner.queue.shape[0]
     global_batch = local_batch * comm.world_size
@@ -622,7 +626,7 @@ def fill_queue(
     device = inner.queue.device
     keys = []
     with torch.no_grad(), autocast():
-        for step, ((_, im_k), _) in enumerate(loader):
+        for step, (im_k, _) in enumerate(loader):
             gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 4, 1, step, 0))
             k = shuffled_keys(inner.embed, im_k.to(device), comm, gen)
             keys.append(comm.all_gather_cat(k.float()))  # (global batch, D)
