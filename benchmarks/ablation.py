@@ -7,7 +7,9 @@ with ``pcl.warmup_epochs`` equal to the number of epochs (no E-step, InfoNCE onl
 Each export is evaluated by ``pcl-scale eval`` (kNN, linear probe, k-means NMI/AMI/ACC on the
 recipe's train and test splits) and, for PCL, the prototypes' own AMI (coarsest granularity,
 the last E-step's assignments of the training split).
-The table gives mean +- std over seeds, with raw pixels from the same code.
+The table gives mean +- std over seeds, with raw pixels from the same code, then the per-seed
+AMI difference PCL - InfoNCE. A run whose eval.json exists is reused, so an interrupted ablation
+continues where it stopped (delete the run directory to redo it).
 """
 
 from __future__ import annotations
@@ -47,13 +49,15 @@ def main() -> None:
         for variant in ("pcl", "infonce"):
             run = (args.out / f"{variant}_seed{seed}").resolve()
             extra = [f"pcl.warmup_epochs={epochs}"] if variant == "infonce" else []
-            cli("train", "--config", args.config, *args.overrides, *extra,
-                f"run.seed={seed}", f"run.output_dir={run}")  # fmt: skip
             report = run / "eval.json"
-            proto = ["--run-dir", str(run)] if variant == "pcl" else []
-            cli("eval", str(run / "export"), "--source", args.source,
-                "--protocols", "knn,linear,cluster", "--json", str(report),
-                "--max-samples", str(max_samples), *proto)  # fmt: skip
+            if not report.exists():
+                # the evaluation below replaces the trainer's own end-of-run report
+                cli("train", "--config", args.config, *args.overrides, *extra,
+                    f"run.seed={seed}", f"run.output_dir={run}", "run.evaluate=false")  # fmt: skip
+                proto = ["--run-dir", str(run)] if variant == "pcl" else []
+                cli("eval", str(run / "export"), "--source", args.source,
+                    "--protocols", "knn,linear,cluster", "--json", str(report),
+                    "--max-samples", str(max_samples), *proto)  # fmt: skip
             result = json.loads(report.read_text())
             row = dict(result["pcl backbone"])
             if "prototypes" in result:  # the coarsest granularity (the recipe's first K)
@@ -77,6 +81,14 @@ def main() -> None:
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.3f} +- {std:.3f}")
         print(f"| {names[key]} | " + " | ".join(cells) + " |")
+    pairs = zip(rows["pcl"], rows["infonce"], strict=True)
+    diffs = [p["kmeans_ami"] - i["kmeans_ami"] for p, i in pairs]
+    print("\nk-means AMI, PCL - InfoNCE only, per seed: " + ", ".join(f"{d:+.3f}" for d in diffs))
+    if len(diffs) > 1:
+        std = max(statistics.stdev(r["kmeans_ami"] for r in rows[k]) for k in ("pcl", "infonce"))
+        gap = statistics.mean(diffs)
+        ratio = gap / std if std else float("inf")
+        print(f"mean difference {gap:+.3f} = {ratio:.1f} x the larger of the two std")
 
 
 if __name__ == "__main__":
