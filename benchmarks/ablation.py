@@ -9,7 +9,8 @@ recipe's train and test splits) and, for PCL, the prototypes' own AMI (coarsest 
 the last E-step's assignments of the training split).
 The table gives mean +- std over seeds, with raw pixels from the same code, then the per-seed
 AMI difference PCL - InfoNCE. A run whose eval.json exists is reused, so an interrupted ablation
-continues where it stopped (delete the run directory to redo it).
+continues where it stopped (delete the run directory to redo it); a finished run trained with a
+different configuration is refused.
 """
 
 from __future__ import annotations
@@ -48,12 +49,20 @@ def main() -> None:
     for seed in args.seeds:
         for variant in ("pcl", "infonce"):
             run = (args.out / f"{variant}_seed{seed}").resolve()
-            extra = [f"pcl.warmup_epochs={epochs}"] if variant == "infonce" else []
+            # the evaluation below replaces the trainer's own end-of-run report
+            train_args = [*args.overrides, f"run.seed={seed}", f"run.output_dir={run}",
+                          "run.evaluate=false"]  # fmt: skip
+            if variant == "infonce":  # no E-step: MoCo v2 with the same budget
+                train_args.append(f"pcl.warmup_epochs={epochs}")
             report = run / "eval.json"
-            if not report.exists():
-                # the evaluation below replaces the trainer's own end-of-run report
-                cli("train", "--config", args.config, *args.overrides, *extra,
-                    f"run.seed={seed}", f"run.output_dir={run}", "run.evaluate=false")  # fmt: skip
+            if report.exists():
+                if load_config(run / "config.yaml") != load_config(ROOT / args.config, train_args):
+                    raise SystemExit(
+                        f"{run} holds a finished run of another recipe or overrides: delete it "
+                        "or pass a different --out"
+                    )
+            else:
+                cli("train", "--config", args.config, *train_args)
                 proto = ["--run-dir", str(run)] if variant == "pcl" else []
                 cli("eval", str(run / "export"), "--source", args.source,
                     "--protocols", "knn,linear,cluster", "--json", str(report),
