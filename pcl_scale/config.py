@@ -55,6 +55,14 @@ class DataConfig:
     aug: str = field(default="aug", metadata=_help("'aug' (PCL v1) or 'aug_plus' (PCL v2)"))
     crop_min_scale: float = field(default=0.2, metadata=_help("RandomResizedCrop lower scale"))
     hflip: bool = field(default=True, metadata=_help("random horizontal flips in training views"))
+    rotate_degrees: float = field(
+        default=0.0,
+        metadata=_help("random rotation in [-d, d] degrees before the crop (0 = off; digits: 15)"),
+    )
+    shear_degrees: float = field(
+        default=0.0,
+        metadata=_help("random shear in [-d, d] degrees before the crop (0 = off)"),
+    )
     max_samples: int = field(default=0, metadata=_help("use the first N samples (0 = all)"))
     on_bad_image: str = field(
         default="fail",
@@ -367,6 +375,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"pcl.momentum={cfg.pcl.momentum} must be in [0, 1]")
     if not 0.0 < cfg.data.crop_min_scale <= 1.0:
         raise ConfigError(f"data.crop_min_scale={cfg.data.crop_min_scale} must be in (0, 1]")
+    for key in ("rotate_degrees", "shear_degrees"):
+        value = getattr(cfg.data, key)
+        if not 0.0 <= value < 90.0:
+            raise ConfigError(f"data.{key}={value} must be in [0, 90): a range of +-{key}")
     if not cfg.pcl.num_clusters or min(cfg.pcl.num_clusters) < 2:
         raise ConfigError(
             f"pcl.num_clusters={cfg.pcl.num_clusters} needs at least one granularity with K >= 2"

@@ -253,8 +253,16 @@ class TwoCrops:
 
 
 def train_transform(cfg: DataConfig) -> TwoCrops:
-    """``aug`` (PCL v1 / InstDisc) or ``aug_plus`` (PCL v2 / MoCo v2), applied twice."""
-    crop = T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_scale, 1.0))
+    """``aug`` (PCL v1 / InstDisc) or ``aug_plus`` (PCL v2 / MoCo v2), applied twice.
+
+    ``rotate_degrees`` / ``shear_degrees`` put a random affine map before the crop (for digits and
+    other images whose class survives small rotations but not mirroring).
+    """
+    crop: Any = T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_scale, 1.0))
+    if cfg.rotate_degrees or cfg.shear_degrees:
+        # rotate and shear about the image centre, then crop: the crop keeps its scale range
+        affine = T.RandomAffine(cfg.rotate_degrees, shear=cfg.shear_degrees or None)
+        crop = T.Compose([affine, crop])
     flip = [T.RandomHorizontalFlip()] if cfg.hflip else []
     tail = [*flip, T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     if cfg.aug == "aug_plus":

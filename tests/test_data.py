@@ -26,6 +26,25 @@ def check_dataset(ds, cfg, n):
     assert labels is not None and labels.shape == (n,)
 
 
+def test_affine_views_rotate_and_stay_seeded():
+    from PIL import Image
+
+    bar = torch.zeros(32, 32, dtype=torch.uint8)
+    bar[14:18, 4:28] = 255  # a horizontal bar: rotation tilts it, a crop alone cannot
+    image = Image.fromarray(bar.numpy()).convert("RGB")
+
+    def views(**kw):
+        cfg = DataConfig(image_size=32, crop_min_scale=1.0, hflip=False, **kw)
+        torch.manual_seed(0)
+        pairs = [train_transform(cfg)(image) for _ in range(8)]
+        # lit pixels outside the bar's rows: only a rotation or shear puts them there
+        return [float((q[0, :12] > q[0].mean()).float().mean()) for q, _ in pairs]
+
+    assert views() == views() and max(views()) == 0.0
+    rotated = views(rotate_degrees=30.0)
+    assert rotated == views(rotate_degrees=30.0) and max(rotated) > 0.0
+
+
 def test_save_to_disk_dict_and_single(tmp_path, tiny_dataset_dir):
     check_dataset(load_split(cfg_for(tiny_dataset_dir)), cfg_for(tiny_dataset_dir), 48)
     check_dataset(load_split(cfg_for(tiny_dataset_dir), "test"), cfg_for(tiny_dataset_dir), 16)
