@@ -61,7 +61,7 @@ class DataConfig:
     )
     shear_degrees: float = field(
         default=0.0,
-        metadata=_help("random shear in [-d, d] degrees before the crop (0 = off)"),
+        metadata=_help("random shear along x in [-d, d] degrees before the crop (0 = off)"),
     )
     max_samples: int = field(default=0, metadata=_help("use the first N samples (0 = all)"))
     on_bad_image: str = field(
