@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from torch import Tensor
 
 from pcl_scale.concentration import concentration
 from pcl_scale.kmeans import Backend, EmptyPolicy, Init, kmeans
+from pcl_scale.negatives import NegativeSampler
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,23 @@ class Clustering:
 
 
 @dataclass(frozen=True)
+class PrototypeTable:
+    """Every granularity's prototypes in one table, as the loss reads them.
+
+    Attributes:
+        scaled: (sum of K, D) float32; row ``offsets[m] + j`` is prototype j of granularity m
+            divided by its concentration, c_j / phi_j, so that one gather and one matmul give the
+            ProtoNCE logits of all granularities.
+        offsets: (M, 1) int64 first row of each granularity.
+        sampler: draws the negatives of all granularities at once.
+    """
+
+    scaled: Tensor
+    offsets: Tensor
+    sampler: NegativeSampler
+
+
+@dataclass(frozen=True)
 class ClusterResult:
     """All M granularities of one E-step, identical on every rank."""
 
@@ -46,6 +65,18 @@ class ClusterResult:
 
     def __len__(self) -> int:
         return len(self.clusterings)
+
+    @functools.cached_property
+    def table(self) -> PrototypeTable:
+        """The loss's view of the prototypes, built on first use (once per E-step and device)."""
+        device = self.clusterings[0].prototypes.device
+        scaled = torch.cat(
+            [c.prototypes.float() / c.phi.float()[:, None] for c in self.clusterings]
+        )
+        sizes = torch.tensor([c.num_prototypes for c in self.clusterings])
+        offsets = (torch.cumsum(sizes, 0) - sizes)[:, None].to(device)
+        sampler = NegativeSampler([c.num_prototypes for c in self.clusterings], device)
+        return PrototypeTable(scaled, offsets, sampler)
 
     def to(self, device: torch.device | str) -> ClusterResult:
         return ClusterResult(tuple(c.to(device) for c in self.clusterings))

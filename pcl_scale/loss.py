@@ -7,10 +7,18 @@ Each prototype column is divided by that prototype's concentration phi. As in th
 positives of the whole local batch come first (target of row i is column i), then r sampled
 negatives, so other samples' positives act as extra negatives. With instance prototypes and
 phi = T the ProtoNCE term reduces to InfoNCE.
+
+All M granularities are computed together: one negative draw, one gather from a table of
+prototypes already divided by their phi, one matmul and one cross-entropy over the B x M rows,
+so the prototype term adds a handful of kernels to a step rather than dozens per granularity.
+The loss is computed in float32 with autocast disabled: under bf16 autocast a matmul would round
+the cosines to 8 bits of mantissa before they are divided by a temperature or a phi as small
+as 0.05.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pcl_scale.clusters import ClusterResult
-from pcl_scale.negatives import sample_negative_prototypes
 
 
 @dataclass(frozen=True)
@@ -50,24 +57,22 @@ def infonce_logits(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> T
     return torch.cat([pos, neg], dim=1) / temperature  # (B, 1 + r)
 
 
-def protonce_logits(
-    q: Tensor, prototypes: Tensor, phi: Tensor, pos_ids: Tensor, neg_ids: Tensor
-) -> Tensor:
-    """Prototype logits, each column divided by its prototype's concentration.
+def protonce_logits(q: Tensor, scaled: Tensor, ids: Tensor) -> Tensor:
+    """Prototype logits of every granularity in one matmul.
 
     Args:
         q: (B, D) normalised queries.
-        prototypes: (K, D) normalised prototypes.
-        phi: (K,) concentrations.
-        pos_ids: (B,) positive prototype of each sample; target of row i is column i.
-        neg_ids: (r,) sampled negative prototypes.
+        scaled: (P, D) prototypes divided by their concentrations, c / phi
+            (:attr:`pcl_scale.clusters.PrototypeTable.scaled`).
+        ids: (M, B + r) rows of ``scaled`` per granularity: the positives of the local batch,
+            then r negatives; the target of sample i at every granularity is column i.
 
     Returns:
-        (B, B + r) float32 logits.
+        (B, M, B + r) float32 logits.
     """
-    ids = torch.cat([pos_ids, neg_ids])  # (B + r,)
-    selected = prototypes[ids].float()  # (B + r, D)
-    return (q.float() @ selected.t()) / phi[ids].float()  # (B, B + r)
+    m, width = ids.shape
+    selected = scaled[ids.flatten()].float()  # (M (B + r), D)
+    return (q.float() @ selected.t()).view(-1, m, width)
 
 
 def top1(logits: Tensor, target: Tensor) -> Tensor:
@@ -97,26 +102,33 @@ def pcl_loss(
         r: number of negative prototypes per granularity.
         generator: seeded generator for the negative draws.
     """
-    logits = infonce_logits(q, k, queue, temperature)
-    zeros = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    loss_inst = F.cross_entropy(logits, zeros)
-    acc_inst = top1(logits, zeros)
-    if clusters is None or len(clusters) == 0:
-        return LossOutput(loss=loss_inst, loss_inst=loss_inst, acc_inst=acc_inst)
-
-    target = torch.arange(q.shape[0], device=q.device)
-    proto_losses, proto_accs = [], []
-    for c in clusters.clusterings:
-        pos_ids = c.assignments[index].long()  # (B,)
-        neg_ids = sample_negative_prototypes(pos_ids, c.num_prototypes, r, generator)
-        proto_logits = protonce_logits(q, c.prototypes, c.phi, pos_ids, neg_ids)
-        proto_losses.append(F.cross_entropy(proto_logits, target))
-        proto_accs.append(top1(proto_logits, target))
-    loss_proto = torch.stack(proto_losses).mean()
-    return LossOutput(
-        loss=loss_inst + loss_proto,
-        loss_inst=loss_inst,
-        acc_inst=acc_inst,
-        loss_proto=loss_proto,
-        acc_proto=torch.stack(proto_accs).mean(),
+    device_type = q.device.type
+    in_float32 = (
+        torch.autocast(device_type, enabled=False)  # logits in float32 under autocast too
+        if torch.is_autocast_enabled(device_type)
+        else contextlib.nullcontext()
     )
+    with in_float32:
+        logits = infonce_logits(q, k, queue, temperature)
+        zeros = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        loss_inst = F.cross_entropy(logits, zeros)
+        acc_inst = top1(logits, zeros)
+        if clusters is None or len(clusters) == 0:
+            return LossOutput(loss=loss_inst, loss_inst=loss_inst, acc_inst=acc_inst)
+
+        table = clusters.table
+        pos = torch.stack([c.assignments[index] for c in clusters.clusterings]).long()  # (M, B)
+        neg = table.sampler(pos, r, generator)  # (M, r)
+        ids = torch.cat([pos, neg], dim=1) + table.offsets  # (M, B + r) rows of the table
+        # row i * M + m: sample i at granularity m, whose positive is column i
+        proto_logits = protonce_logits(q, table.scaled, ids).flatten(0, 1)
+        target = torch.arange(q.shape[0], device=q.device).repeat_interleave(len(clusters))
+        # the mean over all B * M rows is the mean over granularities of each one's mean
+        loss_proto = F.cross_entropy(proto_logits, target)
+        return LossOutput(
+            loss=loss_inst + loss_proto,
+            loss_inst=loss_inst,
+            acc_inst=acc_inst,
+            loss_proto=loss_proto,
+            acc_proto=top1(proto_logits, target),
+        )

@@ -1,50 +1,71 @@
-"""Negative-prototype sampling for ProtoNCE.
+"""Negative-prototype sampling for ProtoNCE, all granularities in one draw.
 
 For each granularity the reference draws r negative prototypes uniformly without replacement from
 the prototypes that are not the positive of any sample in the local batch (every id 0..K-1 is
-eligible, the last one included). Here the draw is a seeded ``randperm`` of all K ids whose first
-r eligible entries are located by a cumulative count and ``searchsorted``: no Python sets and no
-data-dependent shapes, so the draw never makes the GPU wait for the host (``nonzero`` would, once
-per granularity and step), and it is reproducible from the generator's state.
+eligible, the last one included). Here every granularity m gets a row of independent uniform
+float64 keys, one per prototype id (rows padded to the largest K with +inf); the batch's
+positives are set to +inf, and the r smallest keys of each row are its negatives: a uniform
+r-subset of the eligible ids. One ``rand``, one ``scatter_`` and one ``topk`` serve all M
+granularities: no Python sets, no data-dependent shapes (the draw never makes the GPU wait for
+the host) and few enough kernels that the prototype term adds little host work to a step. The
+draw is reproducible from the generator's state. With 53-bit keys, two equal keys among 100,000
+occur about once in 2e6 draws and only decide which of two ids is taken.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 
-def sample_negative_prototypes(
-    pos_ids: Tensor, num_prototypes: int, r: int, generator: torch.Generator
-) -> Tensor:
-    """Draw ``r`` distinct prototype ids that are not in ``pos_ids``.
+class NegativeSampler:
+    """Draws r distinct negative prototype ids per granularity, never a positive of the batch.
 
     Args:
-        pos_ids: (B,) int64 positive prototype id of each sample in the local batch.
-        num_prototypes: K, the number of prototypes of this granularity.
-        r: number of negatives to draw.
-        generator: seeded generator; the permutation is drawn on its device.
-
-    Returns:
-        (r,) int64 negative ids on ``pos_ids.device``.
-
-    Raises:
-        ValueError: when ``K < r + B``, the condition under which r eligible prototypes are
-            guaranteed whatever the batch's positives (``pcl.r`` is validated against it).
+        num_prototypes: K of every granularity, e.g. (25000, 50000, 100000).
+        device: where the draws are made and returned.
     """
-    batch = pos_ids.numel()
-    if num_prototypes - batch < r:
-        raise ValueError(
-            f"cannot draw r={r} negative prototypes from K={num_prototypes} prototypes with "
-            f"{batch} samples in the local batch (up to {batch} of them are positives). Lower r "
-            f"(pcl.r) to at most {num_prototypes - batch} or use more clusters: every granularity "
-            "needs K >= r + local batch size."
+
+    def __init__(self, num_prototypes: Sequence[int], device: torch.device | str = "cpu") -> None:
+        self.num_prototypes = tuple(int(k) for k in num_prototypes)
+        ids = torch.arange(max(self.num_prototypes), device=device)
+        limits = torch.tensor(self.num_prototypes, device=device)
+        # +inf past each granularity's K: padded ids are never among the r smallest keys
+        self.padding = torch.zeros(
+            len(self.num_prototypes), ids.numel(), dtype=torch.float64, device=device
         )
-    eligible = torch.ones(num_prototypes, dtype=torch.bool, device=pos_ids.device)
-    eligible[pos_ids] = False
-    perm = torch.randperm(num_prototypes, generator=generator, device=generator.device)
-    perm = perm.to(pos_ids.device)
-    # the j-th eligible id in permutation order sits where the running count first reaches j
-    count = torch.cumsum(eligible[perm], dim=0)
-    wanted = torch.arange(1, r + 1, device=pos_ids.device, dtype=count.dtype)
-    return perm[torch.searchsorted(count, wanted)]
+        self.padding.masked_fill_(ids >= limits[:, None], float("inf"))
+
+    def __call__(self, pos_ids: Tensor, r: int, generator: torch.Generator) -> Tensor:
+        """Draw the negatives of one local batch.
+
+        Args:
+            pos_ids: (M, B) int64 positive prototype id of each sample, per granularity.
+            r: number of negatives per granularity.
+            generator: seeded generator; the keys are drawn on its device.
+
+        Returns:
+            (M, r) int64 negative ids (per-granularity ids, in no particular order).
+
+        Raises:
+            ValueError: when ``K < r + B`` for some granularity, the condition under which r
+                eligible prototypes are guaranteed whatever the batch's positives (``pcl.r`` is
+                validated against it).
+        """
+        batch = pos_ids.shape[1]
+        for k in self.num_prototypes:
+            if k - batch < r:
+                raise ValueError(
+                    f"cannot draw r={r} negative prototypes from K={k} prototypes with {batch} "
+                    f"samples in the local batch (up to {batch} of them are positives). Lower r "
+                    f"(pcl.r) to at most {k - batch} or use more clusters: every granularity "
+                    "needs K >= r + local batch size."
+                )
+        keys = torch.rand(
+            self.padding.shape, generator=generator, dtype=torch.float64, device=generator.device
+        )
+        keys = keys.to(self.padding.device).add_(self.padding)
+        keys.scatter_(1, pos_ids, float("inf"))
+        return keys.topk(r, dim=1, largest=False, sorted=False).indices

@@ -26,16 +26,28 @@ def test_infonce_logits_against_loop():
 
 
 def test_protonce_logits_against_loop():
-    q, protos = unit(3, 8, seed=0), unit(10, 8, seed=1)
-    phi = torch.rand(10, generator=torch.Generator().manual_seed(3)) + 0.05
-    pos, neg = torch.tensor([4, 4, 9]), torch.tensor([0, 2, 7])
-    logits = protonce_logits(q, protos, phi, pos, neg)
-    assert logits.shape == (3, 6)
-    cols = [4, 4, 9, 0, 2, 7]
+    q, scaled = unit(3, 8, seed=0), unit(10, 8, seed=1) * 4
+    ids = torch.tensor([[4, 4, 9, 0, 2], [7, 8, 7, 1, 3]])  # (M, B + r): 3 positives, r = 2
+    logits = protonce_logits(q, scaled, ids)
+    assert logits.shape == (3, 2, 5)
     for i in range(3):
-        for j, c in enumerate(cols):
-            expected = float(q[i] @ protos[c]) / float(phi[c])
-            assert logits[i, j].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        for m in range(2):
+            for j, c in enumerate(ids[m].tolist()):
+                expected = float(q[i] @ scaled[c])
+                assert logits[i, m, j].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_table_rows_are_prototypes_over_phi_with_offsets():
+    feats = unit(60, 8, seed=0)
+    clusters = cluster_features(feats, (7, 12, 5), 0.2, niter=3)
+    table = clusters.table
+    assert table.scaled.shape == (24, 8)
+    assert table.offsets.flatten().tolist() == [0, 7, 19]
+    for m, c in enumerate(clusters.clusterings):
+        for j in range(c.num_prototypes):
+            row = table.scaled[int(table.offsets[m]) + j]
+            torch.testing.assert_close(row, c.prototypes[j] / c.phi[j])
+    assert clusters.table is table  # built once per result
 
 
 def test_protonce_with_instance_prototypes_and_phi_tau_is_infonce():
@@ -56,26 +68,27 @@ def test_protonce_with_instance_prototypes_and_phi_tau_is_infonce():
 
 
 def test_total_loss_is_inst_plus_mean_proto():
-    tau = 0.2
+    tau, r = 0.2, 3
     n, b = 50, 6
     feats = unit(n, 8, seed=0)
     clusters = cluster_features(feats, (10, 20), tau, niter=5)
     q, k, queue = unit(b, 8, seed=1), unit(b, 8, seed=2), unit(12, 8, seed=3)
     index = torch.tensor([0, 5, 7, 11, 30, 49])
-    out = pcl_loss(q, k, queue, index, tau, clusters, 3, torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(0)
-    protos = []
-    for c in clusters.clusterings:  # slow reference with the same draws
-        pos = c.assignments[index]
-        from pcl_scale.negatives import sample_negative_prototypes
-
-        neg = sample_negative_prototypes(pos, c.num_prototypes, 3, g)
-        total = 0.0
+    out = pcl_loss(q, k, queue, index, tau, clusters, r, torch.Generator().manual_seed(0))
+    # slow reference with the same draws: the r eligible ids with the smallest seeded keys
+    keys = torch.rand(2, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    protos, accs = [], []
+    for m, c in enumerate(clusters.clusterings):
+        pos = c.assignments[index].tolist()
+        eligible = [j for j in range(c.num_prototypes) if j not in pos]
+        neg = sorted(eligible, key=lambda j: float(keys[m, j]))[:r]
+        total, hits = 0.0, 0
         for i in range(b):
-            cols = torch.cat([pos, neg])
-            logits = torch.stack([q[i] @ c.prototypes[j] / c.phi[j] for j in cols])
+            logits = torch.stack([q[i] @ c.prototypes[j] / c.phi[j] for j in pos + neg])
             total += -float(torch.log_softmax(logits, 0)[i])
+            hits += int(logits.argmax()) == i
         protos.append(total / b)
+        accs.append(100.0 * hits / b)
     inst = (
         sum(
             -float(torch.log_softmax(torch.cat([(q[i] @ k[i])[None], queue @ q[i]]) / tau, 0)[0])
@@ -86,7 +99,26 @@ def test_total_loss_is_inst_plus_mean_proto():
     assert out.loss_inst.item() == pytest.approx(inst, rel=1e-5, abs=1e-6)
     assert out.loss_proto is not None and out.acc_proto is not None
     assert out.loss_proto.item() == pytest.approx(sum(protos) / 2, rel=1e-5, abs=1e-6)
+    assert out.acc_proto.item() == pytest.approx(sum(accs) / 2, abs=1e-4)
     assert out.loss.item() == pytest.approx(inst + sum(protos) / 2, rel=1e-5, abs=1e-6)
+
+
+def test_float32_logits_under_bf16_autocast():
+    """The loss ignores autocast: the same value and gradient as without it."""
+    feats = unit(80, 16, seed=0)
+    clusters = cluster_features(feats, (14, 20), 0.2, niter=3)
+    k, queue, index = unit(8, 16, seed=2), unit(64, 16, seed=3), torch.arange(8) * 9
+    losses, grads = [], []
+    for autocast in (False, True):
+        q = unit(8, 16, seed=1).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = pcl_loss(q, k, queue, index, 0.2, clusters, 4, torch.Generator().manual_seed(0))
+        out.loss.backward()
+        assert out.loss.dtype == torch.float32
+        losses.append(out.loss.detach())
+        grads.append(q.grad)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
 def test_warmup_is_infonce_only():
