@@ -13,6 +13,10 @@ The three steps are timed interleaved (a, b, c, a, b, c, ...) so that drift of t
 all alike, in fp32 and under bf16 autocast; the table gives the median time per iteration and the
 ratios c/b (the cost of prototypes over MoCo) and b/a (MoCo over supervised learning).
 
+A second table times the loss alone (forward and backward, from given queries and keys) with and
+without the prototype term, and counts the ATen operations each step dispatches: on a GPU every
+one is a kernel launch the host must issue, which is what a small term costs next to a fast step.
+
 (b) and (c) are the trainer's step on one process: momentum update, query forward, key forward,
 loss (:func:`pcl_scale.loss.pcl_loss`), backward, SGD step, enqueue. (c) adds ProtoNCE over
 M = 3 granularities (K = 25k/50k/100k over N = 1.28M dataset indices, r = 16,000 negative
@@ -32,8 +36,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from pcl_scale.clusters import random_clusters
+from pcl_scale.clusters import ClusterResult, random_clusters
 from pcl_scale.loss import pcl_loss
 from pcl_scale.model import BackboneSpec, PCLModel
 
@@ -83,14 +88,31 @@ def make_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Call
     return {"a": supervised, "b": contrastive(False), "c": contrastive(True)}
 
 
-def measure(args: argparse.Namespace, precision: str) -> dict[str, float]:
-    device = torch.device(args.device)
-    steps = make_steps(args, device)
-    autocast: Callable[[], Any] = (
-        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-        if precision == "bf16"
-        else contextlib.nullcontext
-    )
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched while active (forward, backward and optimizer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], Any]:
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def timed(
+    steps: dict[str, Callable[[], None]],
+    args: argparse.Namespace,
+    device: torch.device,
+    autocast: Callable[[], Any],
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Median seconds per call of each step, interleaved, and the ops one call dispatches."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for rep in range(args.warmup + args.iters):
         for name, step in steps.items():
@@ -101,7 +123,39 @@ def measure(args: argparse.Namespace, precision: str) -> dict[str, float]:
             sync(device)
             if rep >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    ops = {}
+    for name, step in steps.items():
+        with OpCounter() as counter, autocast():
+            step()
+        ops[name] = counter.count
+    return {name: statistics.median(t) for name, t in times.items()}, ops
+
+
+def measure(args: argparse.Namespace, precision: str) -> tuple[dict[str, float], dict[str, int]]:
+    device = torch.device(args.device)
+    return timed(make_steps(args, device), args, device, autocast_for(device, precision))
+
+
+def loss_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[[], None]]:
+    """The loss alone, forward and backward to the queries: InfoNCE only and PCL."""
+    torch.manual_seed(1)
+    b = args.batch_size
+    q0 = F.normalize(torch.randn(b, 128, device=device), dim=1)
+    k = F.normalize(torch.randn(b, 128, device=device), dim=1)
+    queue = F.normalize(torch.randn(args.queue, 128, device=device), dim=1)
+    index = torch.randint(args.n, (b,), device=device)
+    clusters = random_clusters(args.n, args.ks, 128).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def loss(with_prototypes: ClusterResult | None) -> Callable[[], None]:
+        def step() -> None:
+            q = q0.clone().requires_grad_()
+            out = pcl_loss(q, k, queue, index, 0.2, with_prototypes, args.r, gen)
+            out.loss.backward()
+
+        return step
+
+    return {"infonce": loss(None), "pcl": loss(clusters)}
 
 
 def main() -> None:
@@ -129,13 +183,28 @@ def main() -> None:
         f"{args.queue}, ProtoNCE K = {args.ks} with r = {args.r}; median of {args.iters} "
         f"interleaved iterations after {args.warmup} warm-up\n"
     )
-    print("| precision | (a) supervised s/it | (b) MoCo v2 s/it | (c) PCL s/it | c/b | b/a |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| precision | (a) supervised s/it | (b) MoCo v2 s/it | (c) PCL s/it | c/b | b/a "
+        "| ops (a) / (b) / (c) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for precision in args.precisions:
-        t = measure(args, precision)
+        t, ops = measure(args, precision)
         print(
             f"| {precision} | {t['a']:.4f} | {t['b']:.4f} | {t['c']:.4f} | "
-            f"{t['c'] / t['b']:.3f} | {t['b'] / t['a']:.3f} |",
+            f"{t['c'] / t['b']:.3f} | {t['b'] / t['a']:.3f} | {ops['a']} / {ops['b']} / "
+            f"{ops['c']} |",
+            flush=True,
+        )
+    print("\nLoss alone (forward + backward to q):\n")
+    print("| precision | InfoNCE ms | PCL ms | prototype term ms | ops InfoNCE / PCL |")
+    print("|---|---|---|---|---|")
+    device = torch.device(args.device)
+    for precision in args.precisions:
+        t, ops = timed(loss_steps(args, device), args, device, autocast_for(device, precision))
+        print(
+            f"| {precision} | {1e3 * t['infonce']:.3f} | {1e3 * t['pcl']:.3f} | "
+            f"{1e3 * (t['pcl'] - t['infonce']):.3f} | {ops['infonce']} / {ops['pcl']} |",
             flush=True,
         )
 
