@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run on one H100/H200 (about 6 minutes):
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]
-# 1. the CUDA tests (fused Triton k-means assignment vs the chunked product);
+# 1. the CUDA tests (fused Triton k-means assignment vs the chunked product; the negative draw
+#    never waits for the host);
 # 2. the ImageNet-scale E-step clustering benchmark (N = 1,281,167, K = 25k/50k/100k, 20 iters);
 # 3. ResNet-50 at 224 px, bf16: the trainer's step under Accelerate, ZeRO-2 and ZeRO-3 against a
 #    bare PyTorch loop (images/s, peak memory);
-# 4. supervised vs MoCo v2 vs PCL step times (ResNet-50, 224 px, fp32 and bf16);
+# 4. supervised vs MoCo v2 vs PCL step times (ResNet-50, 224 px, fp32 and bf16), ops per step
+#    and the loss alone;
 # 5. a short end-to-end run (digits, ZeRO-3, bf16) through `accelerate launch launch.py`.
 # Each step has its own time limit; a failing step is logged and the next one runs.
 # RESULTS_DIR gets gpu.txt (card, versions), summary.md (tables), all.log, engines.jsonl.
@@ -39,7 +41,8 @@ $PY -c "import torch, triton, accelerate, deepspeed; print('torch', torch.__vers
 'triton', triton.__version__, 'accelerate', accelerate.__version__, 'deepspeed', \
 deepspeed.__version__)" >> "$OUT/gpu.txt" 2>&1
 
-step cuda_tests 60 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kmeans.py
+step cuda_tests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kmeans_cuda.py \
+  tests/test_negatives.py
 step estep_clustering 150 $PY benchmarks/estep.py --device cuda --n 1281167 \
   --ks 25000 50000 100000 --extract-n 0
 E="--backbone resnet50 --image-size 224 --batch-size 128 --precision bf16 --out $OUT/engines.jsonl"
