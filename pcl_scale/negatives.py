@@ -9,7 +9,7 @@ r-subset of the eligible ids. One ``rand``, one ``scatter_`` and one ``topk`` se
 granularities: no Python sets, no data-dependent shapes (the draw never makes the GPU wait for
 the host) and few enough kernels that the prototype term adds little host work to a step. The
 draw is reproducible from the generator's state. With 53-bit keys, two equal keys among 100,000
-occur about once in 2e6 draws and only decide which of two ids is taken.
+occur about once per million draws, and matter only when they straddle the r-th place.
 """
 
 from __future__ import annotations
