@@ -147,10 +147,10 @@ def loss_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Call
     clusters = random_clusters(args.n, args.ks, 128).to(device)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def loss(with_prototypes: ClusterResult | None) -> Callable[[], None]:
+    def loss(prototypes: ClusterResult | None) -> Callable[[], None]:
         def step() -> None:
             q = q0.clone().requires_grad_()
-            out = pcl_loss(q, k, queue, index, 0.2, with_prototypes, args.r, gen)
+            out = pcl_loss(q, k, queue, index, 0.2, prototypes, args.r, gen)
             out.loss.backward()
 
         return step

@@ -73,10 +73,10 @@ class ClusterResult:
         scaled = torch.cat(
             [c.prototypes.float() / c.phi.float()[:, None] for c in self.clusterings]
         )
-        sizes = torch.tensor([c.num_prototypes for c in self.clusterings])
+        ks = [c.num_prototypes for c in self.clusterings]
+        sizes = torch.tensor(ks)
         offsets = (torch.cumsum(sizes, 0) - sizes)[:, None].to(device)
-        sampler = NegativeSampler([c.num_prototypes for c in self.clusterings], device)
-        return PrototypeTable(scaled, offsets, sampler)
+        return PrototypeTable(scaled, offsets, NegativeSampler(ks, device))
 
     def to(self, device: torch.device | str) -> ClusterResult:
         return ClusterResult(tuple(c.to(device) for c in self.clusterings))

@@ -71,7 +71,7 @@ def protonce_logits(q: Tensor, scaled: Tensor, ids: Tensor) -> Tensor:
         (B, M, B + r) float32 logits.
     """
     m, width = ids.shape
-    selected = scaled[ids.flatten()].float()  # (M (B + r), D)
+    selected = scaled[ids.flatten()]  # (M (B + r), D), float32
     return (q.float() @ selected.t()).view(-1, m, width)
 
 

@@ -54,15 +54,14 @@ class NegativeSampler:
                 eligible prototypes are guaranteed whatever the batch's positives (``pcl.r`` is
                 validated against it).
         """
-        batch = pos_ids.shape[1]
-        for k in self.num_prototypes:
-            if k - batch < r:
-                raise ValueError(
-                    f"cannot draw r={r} negative prototypes from K={k} prototypes with {batch} "
-                    f"samples in the local batch (up to {batch} of them are positives). Lower r "
-                    f"(pcl.r) to at most {k - batch} or use more clusters: every granularity "
-                    "needs K >= r + local batch size."
-                )
+        batch, k = pos_ids.shape[1], min(self.num_prototypes)
+        if k - batch < r:
+            raise ValueError(
+                f"cannot draw r={r} negative prototypes from K={k} prototypes with {batch} "
+                f"samples in the local batch (up to {batch} of them are positives). Lower r "
+                f"(pcl.r) to at most {k - batch} or use more clusters: every granularity "
+                "needs K >= r + local batch size."
+            )
         keys = torch.rand(
             self.padding.shape, generator=generator, dtype=torch.float64, device=generator.device
         )
