@@ -1,10 +1,13 @@
 """One Lloyd iteration on a GPU, part by part: fused vs chunked assignment, sums, update.
 
     python benchmarks/assign.py                      # N = 1,281,167, D = 128, K = 25k/50k/100k
+    python benchmarks/assign.py --tiles 256,64,8,2 128,128,8,3 256,128,8,2
 
-For each K: the fused Triton assignment (first call: compilation, then the median of 5 calls,
-with the kernel's tile shape), the chunked product + minimum it replaces, the
-per-cluster sums and counts, and the centroid update; TFLOP/s counts 2 N D K per assignment.
+For each K: the fused Triton assignment for each product precision (float16 and TF32; first call:
+compilation, then the median of 5 calls, with the kernel's tile shape), the chunked product +
+minimum it replaces, the per-cluster sums and counts, and the centroid update; TFLOP/s counts
+2 N D K per assignment. ``--tiles`` adds float16 rows for other tile shapes (BLOCK_N, BLOCK_K,
+warps, stages), and the share of picks that differ from the float16 default's.
 """
 
 from __future__ import annotations
@@ -39,42 +42,58 @@ def seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def tile(text: str) -> tuple[int, int, int, int]:
+    parts = tuple(int(p) for p in text.split(","))
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"tile {text!r}: give BLOCK_N,BLOCK_K,warps,stages")
+    return parts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_281_167)
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--ks", type=int, nargs="+", default=[25000, 50000, 100000])
+    parser.add_argument("--precisions", nargs="+", default=["fp16", "tf32"])
+    parser.add_argument("--tiles", type=tile, nargs="*", default=[])
     args = parser.parse_args()
+    from pcl_scale import kmeans_triton as kt
+
     device = torch.device("cuda")
     x = unit_vectors(args.n, args.d, device)
     gen = torch.Generator().manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, N = {args.n:,}, D = {args.d}\n")
     print(
-        "| K | fused first call (s) | fused (s) | TFLOP/s | tile (BN, BK, warps, stages) |"
-        " chunked (s) | sums (s) | update (s) |"
+        "| K | precision | tile (BN, BK, warps, stages) | fused first call (s) | fused (s) |"
+        " TFLOP/s | picks unlike fp16's | chunked (s) | sums (s) | update (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    default_fp16 = kt.TILES["fp16"]
+    runs = [(p, kt.TILES[p]) for p in args.precisions]
+    runs += [("fp16", t) for t in args.tiles if t != default_fp16]
     for k in args.ks:
         c = x[torch.randperm(args.n, generator=gen)[:k].to(device)].clone()
-        km.USE_FUSED_ASSIGN = True
-        first = seconds(partial(km.assign, x, c), 1)
-        fused = seconds(partial(km.assign, x, c), 5)
-        from pcl_scale import kmeans_triton as kt
-
-        tile = (kt.BLOCK_N, kt.BLOCK_K, kt.NUM_WARPS, kt.NUM_STAGES)
         km.USE_FUSED_ASSIGN = False
         chunked = seconds(partial(km.assign, x, c, km.GPU_CHUNK_BYTES), 3)
         km.USE_FUSED_ASSIGN = True
-        a, _ = km.assign(x, c)
-        sums_t = seconds(partial(km.cluster_sums, x, a, k), 5)
-        sums, counts = km.cluster_sums(x, a, k)
+        kt.PRECISION, kt.TILES["fp16"] = "fp16", default_fp16
+        reference, _ = km.assign(x, c)
+        sums_t = seconds(partial(km.cluster_sums, x, reference, k), 5)
+        sums, counts = km.cluster_sums(x, reference, k)
         update_t = seconds(partial(km._update_centroids, c, sums, counts, False, "reseed", gen), 5)
-        tflops = 2 * args.n * args.d * k / fused / 1e12
-        print(
-            f"| {k:,} | {first:.3f} | {fused:.4f} | {tflops:.0f} | {tile} | {chunked:.4f} | "
-            f"{sums_t:.4f} | {update_t:.4f} |",
-            flush=True,
-        )
+        for precision, shape in runs:
+            kt.PRECISION, kt.TILES[precision] = precision, shape
+            first = seconds(partial(km.assign, x, c), 1)
+            fused = seconds(partial(km.assign, x, c), 5)
+            a, _ = km.assign(x, c)
+            differ = float((a != reference).float().mean())
+            tflops = 2 * args.n * args.d * k / fused / 1e12
+            print(
+                f"| {k:,} | {precision} | {shape} | {first:.3f} | {fused:.4f} | {tflops:.0f} | "
+                f"{differ:.2e} | {chunked:.4f} | {sums_t:.4f} | {update_t:.4f} |",
+                flush=True,
+            )
+        kt.PRECISION, kt.TILES["fp16"] = "fp16", default_fp16
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ CPU (default; 2 processes of 1 thread each are compared with 1 process of 2 thre
     python benchmarks/estep.py --n 50000 --extract-n 4096  # quicker
 
 GPU variant (one GPU; N = 1,281,167 unit vectors, K = 25k/50k/100k, 20 iterations, torch backend
-with the fused Triton assignment, the same without it, and faiss-gpu when installed; no
-extraction part):
+with the fused Triton assignment (float16 products, and TF32 for comparison), the same without
+it, and faiss-gpu when installed; no extraction part):
 
     python benchmarks/estep.py --device cuda --n 1281167 --ks 25000 50000 100000 --extract-n 0
 
@@ -144,6 +144,14 @@ def run(args: argparse.Namespace, comm: Comm) -> dict[str, Any]:
         out[f"gather/{backend}"] = clustering(args, comm, device, "gather", backend)
     if comm.world_size > 1 or args.device == "cuda":
         out["sharded/torch"] = clustering(args, comm, device, "sharded", "torch")
+    if args.device == "cuda" and kmeans_module.fused_assign_available():
+        from pcl_scale import kmeans_triton
+
+        kmeans_triton.PRECISION = "tf32"  # the fused kernel with TF32 products, for comparison
+        try:
+            out["sharded/torch (TF32 kernel)"] = clustering(args, comm, device, "sharded", "torch")
+        finally:
+            kmeans_triton.PRECISION = "fp16"
     if args.device == "cuda" and kmeans_module.fused_assign_available() and not args.skip_chunked:
         kmeans_module.USE_FUSED_ASSIGN = False  # the chunked product + minimum, for comparison
         try:

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one run on one H100/H200 (about 6 minutes):
+# Every GPU check of the project in one run on one H100/H200 (about 7 minutes):
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]
 # 1. the CUDA tests (fused Triton k-means assignment vs the chunked product; the negative draw
 #    never waits for the host);
-# 2. the ImageNet-scale E-step clustering benchmark (N = 1,281,167, K = 25k/50k/100k, 20 iters);
-# 3. ResNet-50 at 224 px, bf16: the trainer's step under Accelerate, ZeRO-2 and ZeRO-3 against a
-#    bare PyTorch loop (images/s, peak memory);
+# 2. one Lloyd iteration part by part at N = 1,281,167, K = 25k/50k/100k: the fused assignment with
+#    float16 and TF32 products and float16 with other tile shapes;
+# 3. the ImageNet-scale E-step clustering benchmark (N = 1,281,167, K = 25k/50k/100k, 20 iters);
 # 4. supervised vs MoCo v2 vs PCL step times (ResNet-50, 224 px, fp32 and bf16), ops per step
 #    and the loss alone;
-# 5. a short end-to-end run (digits, ZeRO-3, bf16) through `accelerate launch launch.py`.
+# 5. ResNet-50 at 224 px, bf16: the trainer's step under Accelerate, ZeRO-2 and ZeRO-3 against a
+#    bare PyTorch loop (images/s, peak memory);
+# 6. a short end-to-end run (digits, ZeRO-3, bf16) through `accelerate launch launch.py`.
 # Each step has its own time limit; a failing step is logged and the next one runs.
 # RESULTS_DIR gets gpu.txt (card, versions), summary.md (tables), all.log, engines.jsonl.
 set -u
@@ -43,16 +45,17 @@ deepspeed.__version__)" >> "$OUT/gpu.txt" 2>&1
 
 step cuda_tests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kmeans_cuda.py \
   tests/test_negatives.py
+step assign 150 $PY benchmarks/assign.py --tiles 128,128,8,3 256,128,8,2 128,64,4,4 256,64,8,3
 step estep_clustering 150 $PY benchmarks/estep.py --device cuda --n 1281167 \
   --ks 25000 50000 100000 --extract-n 0
+step train_step 90 $PY benchmarks/train_step.py --device cuda --backbone resnet50 \
+  --image-size 224 --batch-size 128
 E="--backbone resnet50 --image-size 224 --batch-size 128 --precision bf16 --out $OUT/engines.jsonl"
 step engine_bare 60 $PY benchmarks/engines.py --engine bare $E
 step engine_accelerate 75 $LAUNCH --config_file accelerate_configs/gpu_1.yaml benchmarks/engines.py $E
 step engine_zero2 75 $LAUNCH --config_file accelerate_configs/gpu_1_zero2.yaml benchmarks/engines.py $E
 step engine_zero3 90 $LAUNCH --config_file accelerate_configs/gpu_1_zero3.yaml benchmarks/engines.py $E
 step engines_table 10 $PY benchmarks/engines.py --report "$OUT/engines.jsonl"
-step train_step 90 $PY benchmarks/train_step.py --device cuda --backbone resnet50 \
-  --image-size 224 --batch-size 128
 step end_to_end_zero3 100 $LAUNCH --config_file accelerate_configs/gpu_1_zero3.yaml launch.py \
   run.output_dir=/tmp/pcl_e2e optim.epochs=3 pcl.warmup_epochs=1 run.mixed_precision=bf16
 echo "done ($(date -u +%T))" | tee -a "$OUT/all.log"

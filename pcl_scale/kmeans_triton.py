@@ -5,11 +5,22 @@ memory and reads it back for the minimum. At ImageNet scale (N = 1.28M, K = 100k
 terabyte of traffic per Lloyd iteration, which bounds a GPU iteration by memory bandwidth rather
 than by the matrix product. Here each program holds a (BLOCK_N, D) tile of points, streams the
 centroids through in (D, BLOCK_K) tiles, and folds each tile's scores into a running minimum: only
-the (N,) best scores and indices are written. The product runs on tensor cores in TF32; the
-distance to the chosen centroid is then recomputed exactly in fp32.
+the (N,) best indices are written. The distance to the chosen centroid is then recomputed exactly
+in fp32.
+
+Precision of the product (``PRECISION``):
+
+- ``"fp16"`` (default): points and centroids are multiplied by one power of two that brings the
+  largest magnitude of either below 1 (exact, and it moves every distance by the same factor, so
+  the nearest centroid is unchanged), then rounded to float16; the products accumulate in fp32.
+  A float16 input keeps the same 10-bit mantissa as a TF32 one, so the scores are as precise as
+  in ``"tf32"``, while the tensor cores run at twice the TF32 rate and the streamed centroids take
+  half the bytes (K = 100k at D = 128: 26 MB, within an H100/H200's L2 cache).
+- ``"tf32"``: float32 inputs, TF32 products.
 
 Used automatically by :func:`pcl_scale.kmeans.assign` for float32 CUDA tensors when Triton is
-installed (it ships with PyTorch's CUDA wheels).
+installed (it ships with PyTorch's CUDA wheels). With ``TRITON_INTERPRET=1`` the same kernel runs
+on CPU tensors through Triton's interpreter (slow; for testing).
 """
 
 from __future__ import annotations
@@ -19,11 +30,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Tile shape: of (128, 64, 8 warps, 3 stages), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 4, 4)
-# and (256, 64, 8, 2), Triton's autotuner picked the last for K = 25k, 50k and 100k at N = 1.28M,
-# D = 128 on an H200 (benchmarks/assign.py). It is fixed here: tuning on every start of a run
-# cost 4 to 17 s per granularity.
-BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 256, 64, 8, 2
+PRECISION = "fp16"
+
+# Tile shape (BLOCK_N, BLOCK_K, warps, stages) per precision. For TF32, of (128, 64, 8, 3),
+# (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 4, 4) and (256, 64, 8, 2), Triton's autotuner
+# picked the last for K = 25k, 50k and 100k at N = 1.28M, D = 128 on an H200
+# (benchmarks/assign.py); it is fixed here: tuning on every start of a run cost 4 to 17 s per
+# granularity. float16 starts from the same shape; `benchmarks/assign.py --tiles` compares others.
+TILES: dict[str, tuple[int, int, int, int]] = {
+    "fp16": (256, 64, 8, 2),
+    "tf32": (256, 64, 8, 2),
+}
 
 
 @triton.jit
@@ -31,7 +48,6 @@ def _nearest_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
     ct_ptr,
     half_sq_ptr,
-    best_ptr,
     index_ptr,
     n,
     k,
@@ -39,6 +55,7 @@ def _nearest_kernel(  # type: ignore[no-untyped-def]
     D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    FP16: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D_PAD)
@@ -61,12 +78,15 @@ def _nearest_kernel(  # type: ignore[no-untyped-def]
         )  # (D_PAD, BLOCK_K): centroids transposed, contiguous along K
         half_sq = tl.load(half_sq_ptr + cols, mask=col_ok, other=float("inf"))
         # ||x - c||^2 = ||x||^2 + 2 (||c||^2 / 2 - x . c): only the bracket varies with c
-        scores = half_sq[None, :] - tl.dot(x, ct, input_precision="tf32")
+        if FP16:  # noqa: SIM108 (resolved at compile time: FP16 is a constexpr)
+            products = tl.dot(x, ct)  # float16 inputs, float32 accumulation
+        else:
+            products = tl.dot(x, ct, input_precision="tf32")
+        scores = half_sq[None, :] - products
         tile_best, tile_index = tl.min(scores, axis=1, return_indices=True)
         better = tile_best < best
         best = tl.where(better, tile_best, best)
         best_index = tl.where(better, tile_index.to(tl.int32) + k0, best_index)
-    tl.store(best_ptr + rows, best, mask=row_ok)
     tl.store(index_ptr + rows, best_index, mask=row_ok)
 
 
@@ -80,29 +100,41 @@ def nearest_centroid(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         assignments (N,) int64 and squared distances (N,) float32.
     """
+    if PRECISION not in TILES:
+        raise ValueError(f"PRECISION = {PRECISION!r}: use one of {sorted(TILES)}")
     n, d = x.shape
     k = centroids.shape[0]
     x = x.contiguous()
-    centroids_t = centroids.t().contiguous()  # (D, K)
-    half_sq = 0.5 * centroids.pow(2).sum(1)  # (K,)
-    best = torch.empty(n, dtype=torch.float32, device=x.device)
+    fp16 = PRECISION == "fp16"
+    if fp16:
+        # 2^-e with largest magnitude = m * 2^e, 0.5 <= m < 1: computed on the device (no sync)
+        largest = torch.maximum(x.abs().amax(), centroids.abs().amax())
+        scale = torch.ldexp(torch.ones_like(largest), -torch.frexp(largest).exponent)
+        scaled = centroids * scale  # exact: a power of two
+        points = (x * scale).half()
+        centroids_t = scaled.t().half().contiguous()  # (D, K)
+        half_sq = 0.5 * scaled.pow(2).sum(1)  # (K,) float32
+    else:
+        points = x
+        centroids_t = centroids.t().contiguous()
+        half_sq = 0.5 * centroids.pow(2).sum(1)
     index = torch.empty(n, dtype=torch.int32, device=x.device)
 
-    grid = (triton.cdiv(n, BLOCK_N),)
-    _nearest_kernel[grid](
-        x,
+    block_n, block_k, num_warps, num_stages = TILES[PRECISION]
+    _nearest_kernel[(triton.cdiv(n, block_n),)](
+        points,
         centroids_t,
         half_sq,
-        best,
         index,
         n,
         k,
         d,
         D_PAD=triton.next_power_of_2(d),
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        FP16=fp16,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     assignments = index.long()
     distances = (x - centroids[assignments]).pow(2).sum(1)  # exact fp32, (N,)

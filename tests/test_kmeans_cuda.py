@@ -9,12 +9,16 @@ from pcl_scale.kmeans import assign, kmeans
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp16", "tf32"])
 @pytest.mark.parametrize("n, k, d", [(20_000, 1_000, 128), (5_003, 517, 96), (4_099, 4_099, 16)])
-def test_fused_cuda_assignment_matches_the_chunked_product(n, k, d, monkeypatch):
+def test_fused_cuda_assignment_matches_the_chunked_product(n, k, d, precision, monkeypatch):
     import pcl_scale.kmeans as km
 
     if not km.fused_assign_available():
         pytest.skip("needs Triton")
+    from pcl_scale import kmeans_triton
+
+    monkeypatch.setattr(kmeans_triton, "PRECISION", precision)
     g = torch.Generator().manual_seed(n)
     x = F.normalize(torch.randn(n, d, generator=g), dim=1).cuda()
     c = F.normalize(torch.randn(k, d, generator=g), dim=1).cuda()
@@ -23,8 +27,8 @@ def test_fused_cuda_assignment_matches_the_chunked_product(n, k, d, monkeypatch)
     plain_a, plain_d = assign(x, c)
     exact_d = (x - c[fused_a]).pow(2).sum(1)
     assert torch.allclose(fused_d, exact_d, atol=1e-5)  # the distance is exact for its pick
-    # TF32 products may flip a near-tie; the pick is then no worse than the best by more than
-    # TF32 rounding, and nearly every row agrees
+    # products of 10-bit mantissas (float16 or TF32 inputs) may flip a near-tie; the pick is then
+    # no worse than the best by more than that rounding, and nearly every row agrees
     assert float((fused_a == plain_a).float().mean()) > 0.995
     assert float((fused_d - plain_d).max()) < 5e-3
 
