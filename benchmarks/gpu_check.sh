@@ -6,8 +6,8 @@
 # 2. one Lloyd iteration part by part at N = 1,281,167, K = 25k/50k/100k: the fused assignment with
 #    float16 and TF32 products and float16 with other tile shapes;
 # 3. the ImageNet-scale E-step clustering benchmark (N = 1,281,167, K = 25k/50k/100k, 20 iters);
-# 4. supervised vs MoCo v2 vs PCL step times (ResNet-50, 224 px, fp32 and bf16), ops per step
-#    and the loss alone;
+# 4. supervised vs MoCo v2 vs PCL step times (ResNet-50, 224 px, fp32 and bf16; each step synced
+#    and 5 back to back), ops per step and the loss alone;
 # 5. ResNet-50 at 224 px, bf16: the trainer's step under Accelerate, ZeRO-2 and ZeRO-3 against a
 #    bare PyTorch loop (images/s, peak memory);
 # 6. a short end-to-end run (digits, ZeRO-3, bf16) through `accelerate launch launch.py`.
@@ -48,7 +48,7 @@ step cuda_tests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kmeans
 step assign 150 $PY benchmarks/assign.py --tiles 128,128,8,3 256,128,8,2 128,64,4,4 256,64,8,3
 step estep_clustering 150 $PY benchmarks/estep.py --device cuda --n 1281167 \
   --ks 25000 50000 100000 --extract-n 0
-step train_step 90 $PY benchmarks/train_step.py --device cuda --backbone resnet50 \
+step train_step 120 $PY benchmarks/train_step.py --device cuda --backbone resnet50 \
   --image-size 224 --batch-size 128
 E="--backbone resnet50 --image-size 224 --batch-size 128 --precision bf16 --out $OUT/engines.jsonl"
 step engine_bare 60 $PY benchmarks/engines.py --engine bare $E

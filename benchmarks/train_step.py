@@ -11,7 +11,11 @@ GPU configuration (ResNet-50, 224 px):
 
 The three steps are timed interleaved (a, b, c, a, b, c, ...) so that drift of the machine hits
 all alike, in fp32 and under bf16 autocast; the table gives the median time per iteration and the
-ratios c/b (the cost of prototypes over MoCo) and b/a (MoCo over supervised learning).
+ratios c/b (the cost of prototypes over MoCo) and b/a (MoCo over supervised learning). Each step
+is timed two ways: alone, waiting for the device before and after it ("synced": its latency, host
+work included), and as ``--block`` consecutive steps with one wait at the end ("back to back":
+the time per step of a training loop, which does not wait for the GPU between steps, so the host
+issues the next operations while the device runs the last ones). On a CPU both are the same.
 
 A second table times the loss alone (forward and backward, from given queries and keys) with and
 without the prototype term, and counts the ATen operations each step dispatches: on a GPU every
@@ -106,34 +110,45 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], Any]:
     return contextlib.nullcontext
 
 
+Timings = dict[tuple[str, int], float]
+
+
 def timed(
     steps: dict[str, Callable[[], None]],
     args: argparse.Namespace,
     device: torch.device,
     autocast: Callable[[], Any],
-) -> tuple[dict[str, float], dict[str, int]]:
-    """Median seconds per call of each step, interleaved, and the ops one call dispatches."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    blocks: tuple[int, ...] = (1,),
+) -> tuple[Timings, dict[str, int]]:
+    """Median seconds per call of each step, interleaved, and the ops one call dispatches.
+
+    Keyed by (step, block): each rep runs every step ``block`` times in a row between two waits
+    for the device, for each block size, and records the time divided by ``block``.
+    """
+    times: dict[tuple[str, int], list[float]] = {(n, b): [] for n in steps for b in blocks}
     for rep in range(args.warmup + args.iters):
         for name, step in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            with autocast():
-                step()
-            sync(device)
-            if rep >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+            for block in blocks:
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(block):
+                    with autocast():
+                        step()
+                sync(device)
+                if rep >= args.warmup:
+                    times[name, block].append((time.perf_counter() - t0) / block)
     ops = {}
     for name, step in steps.items():
         with OpCounter() as counter, autocast():
             step()
         ops[name] = counter.count
-    return {name: statistics.median(t) for name, t in times.items()}, ops
+    return {key: statistics.median(t) for key, t in times.items()}, ops
 
 
-def measure(args: argparse.Namespace, precision: str) -> tuple[dict[str, float], dict[str, int]]:
+def measure(args: argparse.Namespace, precision: str) -> tuple[Timings, dict[str, int]]:
     device = torch.device(args.device)
-    return timed(make_steps(args, device), args, device, autocast_for(device, precision))
+    blocks = (1, args.block) if args.block > 1 else (1,)
+    return timed(make_steps(args, device), args, device, autocast_for(device, precision), blocks)
 
 
 def loss_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[[], None]]:
@@ -172,6 +187,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument(
+        "--block", type=int, default=5, help="consecutive steps per back-to-back timing"
+    )
     args = parser.parse_args()
     if args.small_stem is None:
         args.small_stem = args.image_size <= 64
@@ -184,27 +202,30 @@ def main() -> None:
         f"interleaved iterations after {args.warmup} warm-up\n"
     )
     print(
-        "| precision | (a) supervised s/it | (b) MoCo v2 s/it | (c) PCL s/it | c/b | b/a "
+        "| precision | timing | (a) supervised s/it | (b) MoCo v2 s/it | (c) PCL s/it | c/b | b/a "
         "| ops (a) / (b) / (c) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for precision in args.precisions:
         t, ops = measure(args, precision)
-        print(
-            f"| {precision} | {t['a']:.4f} | {t['b']:.4f} | {t['c']:.4f} | "
-            f"{t['c'] / t['b']:.3f} | {t['b'] / t['a']:.3f} | {ops['a']} / {ops['b']} / "
-            f"{ops['c']} |",
-            flush=True,
-        )
+        for block in sorted({b for _, b in t}):
+            how = "synced" if block == 1 else f"{block} back to back"
+            a, b, c = (t[name, block] for name in "abc")
+            print(
+                f"| {precision} | {how} | {a:.4f} | {b:.4f} | {c:.4f} | {c / b:.3f} | "
+                f"{b / a:.3f} | {ops['a']} / {ops['b']} / {ops['c']} |",
+                flush=True,
+            )
     print("\nLoss alone (forward + backward to q):\n")
     print("| precision | InfoNCE ms | PCL ms | prototype term ms | ops InfoNCE / PCL |")
     print("|---|---|---|---|---|")
     device = torch.device(args.device)
     for precision in args.precisions:
         t, ops = timed(loss_steps(args, device), args, device, autocast_for(device, precision))
+        infonce, pcl = t["infonce", 1], t["pcl", 1]
         print(
-            f"| {precision} | {1e3 * t['infonce']:.3f} | {1e3 * t['pcl']:.3f} | "
-            f"{1e3 * (t['pcl'] - t['infonce']):.3f} | {ops['infonce']} / {ops['pcl']} |",
+            f"| {precision} | {1e3 * infonce:.3f} | {1e3 * pcl:.3f} | "
+            f"{1e3 * (pcl - infonce):.3f} | {ops['infonce']} / {ops['pcl']} |",
             flush=True,
         )
 
