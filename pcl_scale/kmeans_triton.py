@@ -117,7 +117,8 @@ def nearest_centroid(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
         largest = torch.maximum(
             torch.linalg.vector_norm(x, inf), torch.linalg.vector_norm(centroids, inf)
         )
-        scale = torch.ldexp(torch.ones_like(largest), -torch.frexp(largest).exponent)
+        exponent = torch.frexp(largest).exponent.clamp(-100, 100)  # the scale stays finite
+        scale = torch.ldexp(torch.ones_like(largest), -exponent)
         scaled = centroids * scale  # exact: a power of two
         centroids_t = scaled.t().half().contiguous()  # (D, K)
         half_sq = 0.5 * scaled.pow(2).sum(1)  # (K,) float32
