@@ -15,7 +15,8 @@ ratios c/b (the cost of prototypes over MoCo) and b/a (MoCo over supervised lear
 is timed two ways: alone, waiting for the device before and after it ("synced": its latency, host
 work included), and as ``--block`` consecutive steps with one wait at the end ("back to back":
 the time per step of a training loop, which does not wait for the GPU between steps, so the host
-issues the next operations while the device runs the last ones). On a CPU both are the same.
+issues the next operations while the device runs the last ones). On a CPU, where each operation
+ends before the next is issued, the two differ only by noise.
 
 A second table times the loss alone (forward and backward, from given queries and keys) with and
 without the prototype term, and counts the ATen operations each step dispatches: on a GPU every
