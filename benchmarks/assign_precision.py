@@ -2,11 +2,13 @@
 
     python benchmarks/assign_precision.py            # 20,000 points, 2,000 centroids, D = 128
 
+(No GPU needed; Triton must be importable, as the dev extra installs it on Linux x86_64.)
+
 The fused CUDA kernel multiplies either float16 inputs (after a power-of-two rescale that brings
 the largest magnitude below 1) or TF32 inputs, accumulating in float32. Both keep a 10-bit
-mantissa; this script rounds the same data both ways on the CPU, takes each row's best centroid
-from the rounded products (accumulated in float64, so only the input rounding differs) and
-compares the picks with the exact nearest centroid.
+mantissa; this script rounds the same data both ways on the CPU (float16 with the kernel's own
+scale), takes each row's best centroid from the rounded products (accumulated in float64, so
+only the input rounding differs) and compares the picks with the exact nearest centroid.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+
+from pcl_scale.kmeans_triton import power_of_two_scale
 
 
 def tf32_round(t: torch.Tensor) -> torch.Tensor:
@@ -38,11 +42,11 @@ def main() -> None:
     x = centres[torch.randint(len(centres), (args.n,), generator=g)]
     x = F.normalize(x + 0.3 * torch.randn(args.n, args.d, generator=g), dim=1)
     c = x[torch.randperm(args.n, generator=g)[: args.k]].clone()
-    largest = float(torch.maximum(x.abs().max(), c.abs().max()))
-    scale = 2.0 ** -torch.frexp(torch.tensor(largest)).exponent.item()
+    scale = float(power_of_two_scale(x, c))  # the kernel's
     xd, cd = x.double(), c.double()
     exact = xd.pow(2).sum(1, keepdim=True) - 2 * xd @ cd.T + cd.pow(2).sum(1)  # (n, k)
     best = exact.min(1).values
+    half_sq = 0.5 * cd.pow(2).sum(1)
     print(f"N = {args.n:,}, K = {args.k:,}, D = {args.d}, power-of-two scale {scale:g}\n")
     print("| inputs | picks equal to the exact nearest | largest excess distance | mean excess |")
     print("|---|---|---|---|")
@@ -51,7 +55,6 @@ def main() -> None:
         "TF32": (tf32_round(x), tf32_round(c)),
         "float16, rescaled": (fp16_round(x, scale), fp16_round(c, scale)),
     }.items():
-        half_sq = 0.5 * cd.pow(2).sum(1)
         picks = (half_sq - xr.double() @ cr.double().T).argmin(1)
         excess = exact.gather(1, picks[:, None]).squeeze(1) - best
         agree = float((picks == exact.argmin(1)).double().mean())

@@ -147,11 +147,11 @@ def run(args: argparse.Namespace, comm: Comm) -> dict[str, Any]:
     if args.device == "cuda" and kmeans_module.fused_assign_available():
         from pcl_scale import kmeans_triton
 
-        kmeans_triton.PRECISION = "tf32"  # the fused kernel with TF32 products, for comparison
+        default, kmeans_triton.PRECISION = kmeans_triton.PRECISION, "tf32"  # for comparison
         try:
             out["sharded/torch (TF32 kernel)"] = clustering(args, comm, device, "sharded", "torch")
         finally:
-            kmeans_triton.PRECISION = "fp16"
+            kmeans_triton.PRECISION = default
     if args.device == "cuda" and kmeans_module.fused_assign_available() and not args.skip_chunked:
         kmeans_module.USE_FUSED_ASSIGN = False  # the chunked product + minimum, for comparison
         try:

@@ -94,6 +94,19 @@ def _nearest_kernel(  # type: ignore[no-untyped-def]
     tl.store(index_ptr + rows, best_index, mask=row_ok)
 
 
+def power_of_two_scale(x: Tensor, centroids: Tensor) -> Tensor:
+    """2^-e with the largest magnitude of either = m * 2^e, 0.5 <= m < 1, as a 0-d tensor.
+
+    Computed on the device (no host sync) and without an (N, D) temporary.
+    """
+    inf = float("inf")
+    largest = torch.maximum(
+        torch.linalg.vector_norm(x, inf), torch.linalg.vector_norm(centroids, inf)
+    )
+    exponent = torch.frexp(largest).exponent.clamp(-100, 100)  # the scale stays finite
+    return torch.ldexp(torch.ones_like(largest), -exponent)
+
+
 def nearest_centroid(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     """Nearest centroid of every row of ``x`` and its exact squared distance.
 
@@ -111,14 +124,7 @@ def nearest_centroid(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     x = x.contiguous()
     fp16 = PRECISION == "fp16"
     if fp16:
-        # 2^-e with largest magnitude = m * 2^e, 0.5 <= m < 1, on the device (no host sync, no
-        # (N, D) temporary: the kernel scales and rounds each tile of points as it loads it)
-        inf = float("inf")
-        largest = torch.maximum(
-            torch.linalg.vector_norm(x, inf), torch.linalg.vector_norm(centroids, inf)
-        )
-        exponent = torch.frexp(largest).exponent.clamp(-100, 100)  # the scale stays finite
-        scale = torch.ldexp(torch.ones_like(largest), -exponent)
+        scale = power_of_two_scale(x, centroids)  # the kernel scales each tile of points it loads
         scaled = centroids * scale  # exact: a power of two
         centroids_t = scaled.t().half().contiguous()  # (D, K)
         half_sq = 0.5 * scaled.pow(2).sum(1)  # (K,) float32
