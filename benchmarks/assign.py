@@ -68,7 +68,7 @@ def main() -> None:
         " TFLOP/s | picks unlike the default's | chunked (s) | sums (s) | update (s) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    default = kt.PRECISION, dict(kt.TILES)
+    default_precision, default_tiles = kt.PRECISION, dict(kt.TILES)
     runs = [(p, kt.TILES[p]) for p in args.precisions]
     runs += [("fp16", t) for t in args.tiles if t != kt.TILES["fp16"]]
     for k in args.ks:
@@ -92,7 +92,7 @@ def main() -> None:
                 f"{differ:.2e} | {chunked:.4f} | {sums_t:.4f} | {update_t:.4f} |",
                 flush=True,
             )
-            kt.PRECISION, kt.TILES = default[0], dict(default[1])
+            kt.PRECISION, kt.TILES = default_precision, dict(default_tiles)
 
 
 if __name__ == "__main__":
