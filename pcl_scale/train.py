@@ -529,7 +529,7 @@ def train_one_epoch(
             )
             for group in ctx.optimizer.param_groups:
                 group["lr"] = lr
-        out = train_step(ctx, inner, im_q, im_k, index)
+        out = train_step(ctx, inner, im_q, im_k, index, micro % accum)
         meter.add(out, state.global_step + 1)
         if (micro + 1) % accum:
             continue
@@ -568,13 +568,17 @@ def train_one_epoch(
 
 
 def train_step(
-    ctx: EpochContext, inner: PCLModel, im_q: Tensor, im_k: Tensor, index: Tensor
+    ctx: EpochContext, inner: PCLModel, im_q: Tensor, im_k: Tensor, index: Tensor, micro: int = 0
 ) -> LossOutput:
-    """One micro-batch: keys (shuffled BN across ranks), loss, backward, step, enqueue."""
+    """One micro-batch: keys (shuffled BN across ranks), loss, backward, step, enqueue.
+
+    ``micro`` is the micro-batch's place in its accumulation window: each micro-batch of an
+    optimizer step gets its own key shuffle and negative-prototype draw.
+    """
     cfg, accelerator, comm = ctx.cfg, ctx.accelerator, ctx.comm
     device = accelerator.device
     im_q, im_k, index = im_q.to(device), im_k.to(device), index.to(device)
-    step_seed = derive_seed(cfg.run.seed, 3, ctx.epoch, ctx.state.global_step, 0)
+    step_seed = derive_seed(cfg.run.seed, 3, ctx.epoch, ctx.state.global_step, micro)
     with accelerator.accumulate(ctx.model), ctx.autocast():
         q, _ = ctx.model(im_q)
         k = shuffled_keys(inner.embed, im_k, comm, torch.Generator().manual_seed(step_seed))

@@ -75,7 +75,19 @@ def test_checkpoints_are_complete_and_pruned(tmp_path, tiny_dataset_dir):
     assert (out / "config.yaml").is_file()
 
 
-def test_export_loads_into_plain_torchvision_with_same_embeddings(tmp_path, tiny_dataset_dir):
+def test_export_loads_into_plain_torchvision_with_same_embeddings(
+    tmp_path, tiny_dataset_dir, monkeypatch
+):
+    import pcl_scale.train as train_module
+
+    seeds = []  # the seed of every micro-batch's negative-prototype generator
+
+    def recording_loss(*args):
+        seeds.append(args[-1].initial_seed())
+        return real_loss(*args)
+
+    real_loss = train_module.pcl_loss
+    monkeypatch.setattr(train_module, "pcl_loss", recording_loss)
     out = tmp_path / "run"
     extra = {
         "optim.epochs": 2,
@@ -92,6 +104,7 @@ def test_export_loads_into_plain_torchvision_with_same_embeddings(tmp_path, tiny
     }
     steps = [r["step"] for r in result.history if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # 3 optimizer steps of 2 micro-batches per epoch
+    assert len(seeds) == 12 and len(set(seeds)) == 12  # no two micro-batches share a draw
     assert result.export_dir == out / "export"
     plain = torchvision.models.resnet18()
     plain.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
