@@ -106,7 +106,7 @@ def main() -> None:
         std = max(statistics.stdev(r["kmeans_ami"] for r in rows[k]) for k in ("pcl", "infonce"))
         gap = statistics.mean(diffs)
         ratio = gap / std if std else float("inf")
-        print(f"mean difference {gap:+.3f} = {ratio:.1f} x the larger of the two std")
+        print(f"mean difference {gap:+.3f} = {ratio:.2f} x the larger of the two std")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def test_both_variants_give_the_per_seed_ami_difference(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "per seed: +0.100, +0.140" in proc.stdout
     # mean 0.120 over the larger std (PCL's, 0.06 / sqrt 2)
-    assert f"mean difference +0.120 = {0.12 / (0.06 / 2**0.5):.1f} x" in proc.stdout
+    assert f"mean difference +0.120 = {0.12 / (0.06 / 2**0.5):.2f} x" in proc.stdout
 
 
 @pytest.mark.parametrize("variants", [["pcl"], ["pcl", "infonce"]])
