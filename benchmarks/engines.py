@@ -136,7 +136,7 @@ def _time_trainer_step(args: argparse.Namespace, cfg: Config, accelerator: Any) 
 
     def step() -> None:
         inner.momentum_update(0.999)
-        train_step(ctx, inner, im_q, im_k, index)
+        train_step(ctx, inner, im_q, im_k, index, micro=0)
         ctx.state.global_step += 1
 
     return timed(step, device, args.warmup, args.iters)

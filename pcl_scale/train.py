@@ -568,7 +568,7 @@ def train_one_epoch(
 
 
 def train_step(
-    ctx: EpochContext, inner: PCLModel, im_q: Tensor, im_k: Tensor, index: Tensor, micro: int = 0
+    ctx: EpochContext, inner: PCLModel, im_q: Tensor, im_k: Tensor, index: Tensor, micro: int
 ) -> LossOutput:
     """One micro-batch: keys (shuffled BN across ranks), loss, backward, step, enqueue.
 

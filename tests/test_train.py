@@ -80,13 +80,13 @@ def test_export_loads_into_plain_torchvision_with_same_embeddings(
 ):
     import pcl_scale.train as train_module
 
+    real_loss = train_module.pcl_loss
     seeds = []  # the seed of every micro-batch's negative-prototype generator
 
     def recording_loss(*args):
         seeds.append(args[-1].initial_seed())
         return real_loss(*args)
 
-    real_loss = train_module.pcl_loss
     monkeypatch.setattr(train_module, "pcl_loss", recording_loss)
     out = tmp_path / "run"
     extra = {
