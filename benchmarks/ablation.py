@@ -8,30 +8,64 @@ Each export is evaluated by ``pcl-scale eval`` (kNN, linear probe, k-means NMI/A
 recipe's train and test splits) and, for PCL, the prototypes' own AMI (coarsest granularity,
 the last E-step's assignments of the training split).
 The table gives mean +- std over seeds, with raw pixels from the same code, then the per-seed
-AMI difference PCL - InfoNCE. A run whose eval.json exists is reused, so an interrupted ablation
-continues where it stopped (delete the run directory to redo it); a finished run trained with a
-different configuration is refused. ``--variants pcl`` trains and reports one side only (a longer
-recipe's expected numbers without paying for its baseline); the AMI difference then needs both.
+AMI difference PCL - InfoNCE. A run whose eval.json exists is reused, and an unfinished one is
+trained with ``run.resume=auto`` (from its newest intact checkpoint: the periodic ones, or the one
+the trainer writes when stopped by SIGINT/SIGTERM), so an interrupted ablation continues where it
+stopped; delete a run directory to redo it. Before anything is trained, every run directory that
+already holds a configuration is checked against the recipe, and one of another recipe is
+refused. ``--variants pcl`` trains and reports one side only (a longer recipe's expected numbers
+without paying for its baseline); the AMI difference then needs both.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from pcl_scale.cli import EXIT_INTERRUPTED
+from pcl_scale.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("knn5_top1", "knn200_top1", "linear_top1", "kmeans_nmi", "kmeans_ami", "kmeans_acc")
 
 
 def cli(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pcl_scale.cli", *args], cwd=ROOT, text=True,
-                          capture_output=True)  # fmt: skip
-    if proc.returncode != 0:
-        raise SystemExit(f"pcl-scale {args[0]} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    """Run ``pcl-scale``; a SIGINT/SIGTERM lets a training run save its checkpoint and stop."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pcl_scale.cli", *args], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        # Ctrl-C reaches the whole process group; a SIGTERM sent to this script alone is passed on
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+        try:
+            while True:
+                try:
+                    returncode = proc.wait()
+                    break
+                except KeyboardInterrupt:  # wait for the trainer's checkpoint instead of dying
+                    continue
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        log.seek(0)
+        output = log.read()
+    if returncode == EXIT_INTERRUPTED:
+        raise SystemExit(
+            f"pcl-scale {args[0]} was stopped by a signal after saving a checkpoint: run the same "
+            "command again to resume"
+        )
+    if returncode != 0:
+        raise SystemExit(f"pcl-scale {args[0]} failed:\n{output[-3000:]}")
+
+
+def recipe_of(cfg: Config) -> Config:
+    """The configuration without ``run.resume``: a resumed run trains the same recipe."""
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=""))
 
 
 def main() -> None:
@@ -45,41 +79,45 @@ def main() -> None:
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value for both variants")
     args = parser.parse_args()
-    from pcl_scale.config import load_config
 
     recipe = load_config(ROOT / args.config, args.overrides)
     epochs, max_samples = recipe.optim.epochs, recipe.data.max_samples
     rows: dict[str, list[dict[str, float]]] = {"pcl": [], "infonce": [], "raw": []}
     variants = [v for v in ("pcl", "infonce") if v in args.variants]
+    plan = []
     for seed in args.seeds:
         for variant in variants:
             run = (args.out / f"{variant}_seed{seed}").resolve()
             # the evaluation below replaces the trainer's own end-of-run report
             train_args = [*args.overrides, f"run.seed={seed}", f"run.output_dir={run}",
-                          "run.evaluate=false"]  # fmt: skip
+                          "run.evaluate=false", "run.resume=auto"]  # fmt: skip
             if variant == "infonce":  # no E-step: MoCo v2 with the same budget
                 train_args.append(f"pcl.warmup_epochs={epochs}")
-            report = run / "eval.json"
-            if report.exists():
-                if load_config(run / "config.yaml") != load_config(ROOT / args.config, train_args):
-                    raise SystemExit(
-                        f"{run} holds a finished run of another recipe or overrides: delete it "
-                        "or pass a different --out"
-                    )
-            else:
-                cli("train", "--config", args.config, *train_args)
-                proto = ["--run-dir", str(run)] if variant == "pcl" else []
-                cli("eval", str(run / "export"), "--source", args.source,
-                    "--protocols", "knn,linear,cluster", "--json", str(report),
-                    "--max-samples", str(max_samples), *proto)  # fmt: skip
-            result = json.loads(report.read_text())
-            row = dict(result["pcl backbone"])
-            if "prototypes" in result:  # the coarsest granularity (the recipe's first K)
-                row["prototype_ami"] = result["prototypes"]["k0_ami"]
-            rows[variant].append(row)
-            if variant == variants[0]:  # raw pixels: the same eval views, once per seed
-                rows["raw"].append(result["raw pixels"])
-            print(f"seed {seed} {variant}: " + json.dumps({k: row[k] for k in METRICS}), flush=True)
+            saved = run / "config.yaml"
+            wanted = recipe_of(load_config(ROOT / args.config, train_args))
+            if saved.exists() and recipe_of(load_config(saved)) != wanted:
+                state = "a finished" if (run / "eval.json").exists() else "an unfinished"
+                raise SystemExit(
+                    f"{run} holds {state} run of another recipe or overrides: delete it or "
+                    "pass a different --out"
+                )
+            plan.append((seed, variant, run, train_args))
+    for seed, variant, run, train_args in plan:
+        report = run / "eval.json"
+        if not report.exists():
+            cli("train", "--config", args.config, *train_args)
+            proto = ["--run-dir", str(run)] if variant == "pcl" else []
+            cli("eval", str(run / "export"), "--source", args.source,
+                "--protocols", "knn,linear,cluster", "--json", str(report),
+                "--max-samples", str(max_samples), *proto)  # fmt: skip
+        result = json.loads(report.read_text())
+        row = dict(result["pcl backbone"])
+        if "prototypes" in result:  # the coarsest granularity (the recipe's first K)
+            row["prototype_ami"] = result["prototypes"]["k0_ami"]
+        rows[variant].append(row)
+        if variant == variants[0]:  # raw pixels: the same eval views, once per seed
+            rows["raw"].append(result["raw pixels"])
+        print(f"seed {seed} {variant}: " + json.dumps({k: row[k] for k in METRICS}), flush=True)
     print(f"\n{args.config} on {args.source}, seeds {args.seeds}: mean +- std\n")
     cols = (*METRICS, "prototype_ami")
     print("| features | " + " | ".join(cols) + " |")

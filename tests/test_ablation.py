@@ -1,9 +1,13 @@
-"""benchmarks/ablation.py's bookkeeping: finished runs are reused, checked against the recipe, and
-summarised per variant (no training here: the runs' reports are written by the test)."""
+"""benchmarks/ablation.py's bookkeeping: finished runs are reused, existing runs are checked against
+the recipe, reports are summarised per variant (the runs' reports written by the test), and an
+interrupted run resumes from its checkpoint (one short real run)."""
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -30,10 +34,10 @@ def finished_run(out, variant, seed, ami, extra=()):
     (run / "eval.json").write_text(json.dumps(report))
 
 
-def ablation(out, *args):
+def ablation(out, *args, timeout=120):
     script = str(ROOT / "benchmarks" / "ablation.py")
     cmd = [sys.executable, script, "--config", RECIPE, "--out", str(out)]
-    return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def test_pcl_only_reuses_runs_and_reports_one_side(tmp_path):
@@ -67,3 +71,66 @@ def test_a_finished_run_of_another_recipe_is_refused(tmp_path, variants):
     assert proc.returncode != 0
     assert "holds a finished run of another recipe" in proc.stderr
     assert not (tmp_path / "infonce_seed0").exists()  # nothing trained before the refusal
+
+
+def test_an_unfinished_run_of_another_recipe_is_refused_before_any_training(tmp_path):
+    finished_run(tmp_path, "pcl", 0, 0.8)
+    finished_run(tmp_path, "pcl", 1, 0.8, extra=["optim.lr=0.5"])
+    (tmp_path / "pcl_seed1" / "eval.json").unlink()  # stopped before its evaluation
+    proc = ablation(tmp_path, "--seeds", "0", "1", "2")
+    assert proc.returncode != 0
+    assert f"{(tmp_path / 'pcl_seed1').resolve()} holds an unfinished run" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    for name in ("infonce_seed0", "pcl_seed2", "infonce_seed1"):  # checked before training
+        assert not (tmp_path / name).exists()
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path):
+    tiny = ["optim.epochs=2", "pcl.warmup_epochs=1", "run.checkpoint_every=1",
+            "data.max_samples=256", "run.log_every=1"]  # fmt: skip
+    args = [*tiny, "--seeds", "0", "--variants", "pcl"]
+    first = ablation(tmp_path, *args, timeout=300)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "pcl_seed0"
+    straight = json.loads((run / "eval.json").read_text())
+    straight_losses = logged_losses(run)
+    steps = sorted((run / "checkpoints").iterdir())
+    assert len(steps) == 2  # after epoch 1 and at the end
+    # as if stopped during the second epoch: no final checkpoint, export or report
+    shutil.rmtree(steps[-1])
+    shutil.rmtree(run / "export")
+    (run / "eval.json").unlink()
+    second = ablation(tmp_path, *args, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert json.loads((run / "eval.json").read_text()) == straight
+    # the log gained the second epoch again, with the same losses, and not the first
+    second_epoch = [x for x in straight_losses if x[0] == 1]
+    assert second_epoch and len(second_epoch) < len(straight_losses)
+    assert logged_losses(run) == straight_losses + second_epoch
+
+
+def logged_losses(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["epoch"], r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def test_sigterm_stops_training_at_a_checkpoint_and_says_how_to_resume(tmp_path):
+    script = str(ROOT / "benchmarks" / "ablation.py")
+    tiny = ["optim.epochs=20", "data.max_samples=256", "run.log_every=1"]
+    cmd = [sys.executable, script, "--config", RECIPE, "--out", str(tmp_path), *tiny,
+           "--seeds", "0", "--variants", "infonce"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    log = tmp_path / "infonce_seed0" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and '"loss"' in log.read_text()):  # training has started
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # to the script alone: it passes the signal on
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    assert "stopped by a signal after saving a checkpoint: run the same command" in stderr
+    (saved,) = (tmp_path / "infonce_seed0" / "checkpoints").iterdir()
+    assert 0 < int(saved.name.rsplit("_", 1)[1]) < 20 * 4  # mid-run (4 steps per epoch)
+    assert not (tmp_path / "infonce_seed0" / "export").exists()
