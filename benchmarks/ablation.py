@@ -20,6 +20,7 @@ without paying for its baseline); the AMI difference then needs both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import signal
@@ -43,13 +44,11 @@ def cli(*args: str) -> None:
                                 stdout=log, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         # Ctrl-C reaches the whole process group; a SIGTERM sent to this script alone is passed on
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+        returncode = None
         try:
-            while True:
-                try:
+            while returncode is None:  # on Ctrl-C, wait for the trainer's checkpoint
+                with contextlib.suppress(KeyboardInterrupt):
                     returncode = proc.wait()
-                    break
-                except KeyboardInterrupt:  # wait for the trainer's checkpoint instead of dying
-                    continue
         finally:
             signal.signal(signal.SIGTERM, previous)
         log.seek(0)

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from pcl_scale.checkpoint import PREFIX
 from pcl_scale.config import load_config, save_config
 
 from .conftest import ROOT
@@ -34,10 +35,14 @@ def finished_run(out, variant, seed, ami, extra=()):
     (run / "eval.json").write_text(json.dumps(report))
 
 
-def ablation(out, *args, timeout=120):
+def ablation_cmd(out, *args):
     script = str(ROOT / "benchmarks" / "ablation.py")
-    cmd = [sys.executable, script, "--config", RECIPE, "--out", str(out)]
-    return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return [sys.executable, script, "--config", RECIPE, "--out", str(out), *args]
+
+
+def ablation(out, *args, timeout=120):
+    cmd = ablation_cmd(out, *args)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def test_pcl_only_reuses_runs_and_reports_one_side(tmp_path):
@@ -115,10 +120,8 @@ def logged_losses(run):
 
 
 def test_sigterm_stops_training_at_a_checkpoint_and_says_how_to_resume(tmp_path):
-    script = str(ROOT / "benchmarks" / "ablation.py")
     tiny = ["optim.epochs=20", "data.max_samples=256", "run.log_every=1"]
-    cmd = [sys.executable, script, "--config", RECIPE, "--out", str(tmp_path), *tiny,
-           "--seeds", "0", "--variants", "infonce"]  # fmt: skip
+    cmd = ablation_cmd(tmp_path, *tiny, "--seeds", "0", "--variants", "infonce")
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -132,5 +135,5 @@ def test_sigterm_stops_training_at_a_checkpoint_and_says_how_to_resume(tmp_path)
     assert proc.returncode != 0
     assert "stopped by a signal after saving a checkpoint: run the same command" in stderr
     (saved,) = (tmp_path / "infonce_seed0" / "checkpoints").iterdir()
-    assert 0 < int(saved.name.rsplit("_", 1)[1]) < 20 * 4  # mid-run (4 steps per epoch)
+    assert 0 < int(saved.name.removeprefix(PREFIX)) < 20 * 4  # mid-run (4 steps per epoch)
     assert not (tmp_path / "infonce_seed0" / "export").exists()
