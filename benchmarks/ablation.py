@@ -13,7 +13,7 @@ trained with ``run.resume=auto`` (from its newest intact checkpoint: the periodi
 the trainer writes when stopped by SIGINT/SIGTERM), so an interrupted ablation continues where it
 stopped; delete a run directory to redo it. Before anything is trained, every run directory that
 already holds a configuration is checked against the recipe, and one of another recipe is
-refused. ``--variants pcl`` trains and reports one side only (a longer recipe's expected numbers
+refused (checkpoint, export and logging cadence are not part of the recipe). ``--variants pcl`` trains and reports one side only (a longer recipe's expected numbers
 without paying for its baseline); the AMI difference then needs both.
 """
 
@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 from pcl_scale.cli import EXIT_INTERRUPTED
-from pcl_scale.config import Config, load_config
+from pcl_scale.config import Config, RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("knn5_top1", "knn200_top1", "linear_top1", "kmeans_nmi", "kmeans_ami", "kmeans_acc")
@@ -62,9 +62,17 @@ def cli(*args: str) -> None:
         raise SystemExit(f"pcl-scale {args[0]} failed:\n{output[-3000:]}")
 
 
+# What a run writes when, not what it computes: runs that differ only here train the same model.
+BOOKKEEPING = ("resume", "checkpoint_every", "checkpoint_every_steps", "keep_checkpoints",
+               "export_every", "log_every", "trackers", "hub_repo_id")  # fmt: skip
+
+
 def recipe_of(cfg: Config) -> Config:
-    """The configuration without ``run.resume``: a resumed run trains the same recipe."""
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=""))
+    """The configuration without the run's bookkeeping (``BOOKKEEPING``): a run resumed, or
+    checkpointed and logged at another cadence, trains the same recipe."""
+    defaults = RunConfig()
+    blank = {name: getattr(defaults, name) for name in BOOKKEEPING}
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **blank))
 
 
 def main() -> None:

@@ -78,6 +78,15 @@ def test_a_finished_run_of_another_recipe_is_refused(tmp_path, variants):
     assert not (tmp_path / "infonce_seed0").exists()  # nothing trained before the refusal
 
 
+def test_checkpoint_and_logging_cadence_are_not_part_of_the_recipe(tmp_path):
+    finished_run(tmp_path, "pcl", 0, 0.8, extra=["run.checkpoint_every=1", "run.log_every=1"])
+    proc = ablation(tmp_path, "run.checkpoint_every=10", "--seeds", "0", "--variants", "pcl")
+    assert proc.returncode == 0, proc.stderr  # reused: the same model was trained
+    assert "0.800 +- " in proc.stdout
+    proc = ablation(tmp_path, "run.knn_every=1", "--seeds", "0", "--variants", "pcl")
+    assert "holds a finished run of another recipe" in proc.stderr  # monitoring is not bookkeeping
+
+
 def test_an_unfinished_run_of_another_recipe_is_refused_before_any_training(tmp_path):
     finished_run(tmp_path, "pcl", 0, 0.8)
     finished_run(tmp_path, "pcl", 1, 0.8, extra=["optim.lr=0.5"])
