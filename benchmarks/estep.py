@@ -22,6 +22,7 @@ below N the extraction rate is measured on that many images), and the clustering
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -96,8 +97,15 @@ def extraction(args: argparse.Namespace, comm: Comm, device: torch.device) -> di
 
 
 def clustering(
-    args: argparse.Namespace, comm: Comm, device: torch.device, mode: str, backend: Backend
+    args: argparse.Namespace,
+    comm: Comm,
+    device: torch.device,
+    mode: str,
+    backend: Backend,
+    borrow: bool = True,
 ) -> dict[str, float]:
+    """Time one mode/backend; in ``gather`` mode rank 0 clusters with the threads of the ranks
+    that wait (as the E-step does), or with its own only when ``borrow`` is False."""
     x = unit_vectors(args.n, args.d)
     index = torch.arange(comm.rank, args.n, comm.world_size)
     local = x[index].to(device)
@@ -111,15 +119,17 @@ def clustering(
     else:
         full = gather_by_index(index, local.cpu(), args.n, comm)
         t_phi = 0.0
+        threads = comm.idle_host_threads() if borrow else contextlib.nullcontext()
         if full is not None:
             full = full.to(device)
-            for m, k in enumerate(args.ks):
-                res = kmeans(full, k, backend=backend, **{**kw, "seed": m})
-                sync(device)
-                t1 = time.perf_counter()
-                concentration(res.distances, res.assignments, k, 0.2)
-                sync(device)
-                t_phi += time.perf_counter() - t1
+            with threads:
+                for m, k in enumerate(args.ks):
+                    res = kmeans(full, k, backend=backend, **{**kw, "seed": m})
+                    sync(device)
+                    t1 = time.perf_counter()
+                    concentration(res.distances, res.assignments, k, 0.2)
+                    sync(device)
+                    t_phi += time.perf_counter() - t1
         comm.barrier()
     sync(device)
     return {"cluster_s": time.perf_counter() - t0, "phi_s": t_phi}
@@ -142,6 +152,11 @@ def run(args: argparse.Namespace, comm: Comm) -> dict[str, Any]:
     backends: list[Backend] = ["torch", "faiss"] if faiss_available() else ["torch"]
     for backend in backends:
         out[f"gather/{backend}"] = clustering(args, comm, device, "gather", backend)
+    if comm.world_size > 1 and args.rank0_alone:
+        for backend in backends:
+            out[f"gather/{backend} (rank 0's thread only)"] = clustering(
+                args, comm, device, "gather", backend, borrow=False
+            )
     if comm.world_size > 1 or args.device == "cuda":
         out["sharded/torch"] = clustering(args, comm, device, "sharded", "torch")
     if args.device == "cuda" and kmeans_module.fused_assign_available():
@@ -165,6 +180,7 @@ def run(args: argparse.Namespace, comm: Comm) -> dict[str, Any]:
 
 def _worker(rank: int, args: argparse.Namespace, init_file: str, result_file: str) -> None:
     torch.set_num_threads(1)
+    os.environ["LOCAL_WORLD_SIZE"] = "2"  # as torchrun and accelerate launch set it
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         result = run(args, Comm())
@@ -217,6 +233,11 @@ def main() -> None:
     parser.add_argument("--extract-n", type=int, default=200_000)
     parser.add_argument("--image-size", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument(
+        "--rank0-alone",
+        action="store_true",
+        help="2 processes: also time gather mode with rank 0's own thread only",
+    )
     parser.add_argument(
         "--skip-chunked", action="store_true", help="GPU: skip the run without the fused kernel"
     )

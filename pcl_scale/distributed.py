@@ -6,6 +6,13 @@ for gloo) and come back on the caller's device.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -16,8 +23,6 @@ def init_from_env() -> torch.device:
 
     NCCL on GPUs, gloo on CPU; a single process stays without a group.
     """
-    import os
-
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -42,6 +47,35 @@ class Comm:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @contextlib.contextmanager
+    def idle_host_threads(self) -> Iterator[int]:
+        """Let this rank use the CPU threads of the ranks that wait for it on the same host.
+
+        For work that one rank does while the others block in a collective (gather-mode
+        clustering, the evaluation's scoring on rank 0): a blocked gloo or NCCL rank uses no CPU,
+        so its threads would idle. The host's ranks are ``LOCAL_WORLD_SIZE`` (set by torchrun and
+        ``accelerate launch``), each assumed to run as many threads as this one, capped by the
+        CPUs this process may use. Sets torch's intra-op threads and faiss' OpenMP threads for
+        the block, restores both after; yields the thread count in use.
+        """
+        before = torch.get_num_threads()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.world_size > 1 else 1
+        threads = min(before * max(local, 1), _usable_cpus())
+        if threads <= before:
+            yield before
+            return
+        faiss = _faiss_module()
+        faiss_before = faiss.omp_get_max_threads() if faiss is not None else 0
+        torch.set_num_threads(threads)
+        if faiss is not None:
+            faiss.omp_set_num_threads(threads)
+        try:
+            yield threads
+        finally:
+            torch.set_num_threads(before)
+            if faiss is not None:
+                faiss.omp_set_num_threads(faiss_before)
 
     def barrier(self) -> None:
         if self.enabled:
@@ -106,3 +140,21 @@ class Comm:
         buckets = [torch.empty_like(src) for _ in range(self.world_size)] if self.is_main else None
         dist.gather(src, gather_list=buckets, dst=0)
         return [b.to(t.device) for b in buckets] if buckets is not None else None
+
+
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _faiss_module() -> Any:
+    """faiss when installed (imported here so that its OpenMP pool can be sized), else None."""
+    if "faiss" in sys.modules:
+        return sys.modules["faiss"]
+    if importlib.util.find_spec("faiss") is None:
+        return None
+    try:
+        return importlib.import_module("faiss")
+    except ImportError:  # a broken install: the k-means backend reports it when asked for faiss
+        return None

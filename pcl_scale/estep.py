@@ -5,7 +5,8 @@ padding, so no duplicates). Then, by mode:
 
 * ``gather``: rank 0 places every row at its dataset index, asserts that each index arrived exactly
   once, clusters every granularity (faiss or torch) and estimates phi; the result is broadcast.
-  Only rank 0 holds the N x D matrix.
+  Only rank 0 holds the N x D matrix. On a CPU it clusters with the threads of its host's waiting
+  ranks too (:meth:`pcl_scale.distributed.Comm.idle_host_threads`).
 * ``sharded``: features never leave their rank. k-means runs on the shards with all-reduced
   per-cluster sums and counts (:func:`pcl_scale.kmeans.kmeans_sharded`), phi from all-reduced
   per-cluster distance sums and counts, and the assignments are all-gathered as int32 by index.
@@ -199,7 +200,10 @@ def run_estep(
     full = gather_by_index(indices, feats, n, comm)
     result = None
     if full is not None:  # k-means on the accelerator when there is one
-        result = cluster_features(full.to(opts.device), num_clusters, temperature, **kmeans_kwargs)
+        with comm.idle_host_threads():  # on a CPU, also the threads of the ranks that wait
+            result = cluster_features(
+                full.to(opts.device), num_clusters, temperature, **kmeans_kwargs
+            )
         result = result.to("cpu")
     return broadcast_clusters(result, num_clusters, n, feats.shape[1], comm)
 

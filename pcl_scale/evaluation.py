@@ -106,17 +106,22 @@ def evaluate_export(
     for name, encoder in ((RAW, torch.nn.Flatten()), (LEARNED, model)):
         feats = [extract_all(encoder, v, comm, opts) for v in views]
         if comm.is_main:
-            ready = [f for f in feats if f is not None]
-            report[name] = score_features(ready, labels, protocols, lowshot_ks, lowshot_runs, seed)
-            if "linear_reference" in protocols and labels[0].ndim == 1:
-                augmented = IndexedImages(
-                    splits[0], data.image_column, linear_train_transform(data)
+            with comm.idle_host_threads():  # the other ranks wait for rank 0
+                ready = [f for f in feats if f is not None]
+                report[name] = score_features(
+                    ready, labels, protocols, lowshot_ks, lowshot_runs, seed
                 )
-                res = linear_reference(
-                    encoder, augmented, labels[0], views[1], labels[1],
-                    linear_schedule or ReferenceSchedule(), device, seed,
-                )  # fmt: skip
-                report[name].update({f"linear_reference_{k}": v for k, v in res.items()})
+                if "linear_reference" in protocols and labels[0].ndim == 1:
+                    augmented = IndexedImages(
+                        splits[0], data.image_column, linear_train_transform(data)
+                    )
+                    res = linear_reference(
+                        encoder, augmented, labels[0], views[1], labels[1],
+                        linear_schedule or ReferenceSchedule(), device, seed,
+                    )  # fmt: skip
+                    report[name].update({f"linear_reference_{k}": v for k, v in res.items()})
+        if name == RAW:  # the other ranks would otherwise start the next extraction
+            comm.barrier()
     if not comm.is_main:
         return None
     if run_dir is not None and labels[0].ndim == 1:

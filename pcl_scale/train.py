@@ -722,17 +722,20 @@ def evaluate(
     learned, raw, labels = labelled_features(
         cfg, accelerator, model, comm, extract, splits, with_raw
     )
-    if not comm.is_main:
-        return None
-    report = {}
-    for name, feats in (("raw pixels", raw), ("pcl backbone", learned)):
-        if not feats:
-            continue
-        fs = [f for f in feats if f is not None]  # rank 0 holds every split
-        report[name] = representation_scores(fs, labels, k=5, seed=cfg.run.seed)
-    save_embedding_sample(
-        Path(cfg.run.output_dir), [f for f in learned if f is not None], labels, cfg.run.seed
-    )
+    report = None
+    if comm.is_main:
+        with comm.idle_host_threads():  # the other ranks wait at the barrier below
+            report = {
+                name: representation_scores(
+                    [f for f in feats if f is not None], labels, k=5, seed=cfg.run.seed
+                )  # rank 0 holds every split
+                for name, feats in (("raw pixels", raw), ("pcl backbone", learned))
+                if feats
+            }
+        save_embedding_sample(
+            Path(cfg.run.output_dir), [f for f in learned if f is not None], labels, cfg.run.seed
+        )
+    comm.barrier()
     return report
 
 
@@ -762,11 +765,14 @@ def monitor_knn(
         return None
     splits = [train_ds, load_split(cfg.data, cfg.data.eval_split)]
     feats, _, labels = labelled_features(cfg, accelerator, model, comm, extract, splits, False)
-    if not comm.is_main:
-        return None
-    (gallery, queries), (gallery_labels, query_labels) = feats, labels
-    assert gallery is not None and queries is not None
-    return knn_scores(gallery, gallery_labels, queries, query_labels)
+    knn = None
+    if comm.is_main:
+        (gallery, queries), (gallery_labels, query_labels) = feats, labels
+        assert gallery is not None and queries is not None
+        with comm.idle_host_threads():  # the other ranks wait at the barrier below
+            knn = knn_scores(gallery, gallery_labels, queries, query_labels)
+    comm.barrier()
+    return knn
 
 
 def labelled_features(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,97 @@ def test_choose_mode_rule():
     assert choose_mode("auto", 1_281_167, 128, 8, False, 8 * gib) == "sharded"
     assert choose_mode("auto", 14_000_000 * 2, 128, 64, True, 8 * gib) == "sharded"
     assert choose_mode("sharded", 10, 128, 1, True, 8 * gib) == "sharded"
+
+
+class _Points(torch.utils.data.Dataset):
+    """Rows of ``features(n)`` as (1, 1, D) "images" with their index; the embedding flattens."""
+
+    def __init__(self, n: int) -> None:
+        self.x = features(n)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i][None, None], i
+
+
+def _threads_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import pcl_scale.estep as estep
+
+    torch.set_num_threads(1)
+    os.environ["LOCAL_WORLD_SIZE"] = "2"  # as torchrun and accelerate launch set it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    seen: list[int] = []
+    clustered = estep.cluster_features
+
+    def recording(*args: Any, **kwargs: Any) -> ClusterResult:
+        seen.append(torch.get_num_threads())
+        return clustered(*args, **kwargs)
+
+    estep.cluster_features = recording  # type: ignore[assignment]
+    try:
+        opts = estep.ExtractOptions(batch_size=64, num_workers=0, device=torch.device("cpu"))
+        result = estep.run_estep(
+            lambda x: x.flatten(1),
+            _Points(301),
+            Comm(),
+            opts,
+            [7],
+            0.2,
+            {"niter": 5},
+            mode="gather",
+        )
+        save_file(result.state_dict(), f"{out_dir}/threads_{rank}.safetensors")
+        Path(out_dir, f"threads_{rank}.txt").write_text(f"{seen} {torch.get_num_threads()}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 usable CPUs")
+def test_gather_mode_clusters_with_the_waiting_ranks_threads(tmp_path):
+    """Rank 0 clusters with both processes' threads, only while the other rank waits."""
+    mp.spawn(_threads_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "threads_0.txt").read_text() == "[2] 1"  # two during k-means, then one
+    assert (tmp_path / "threads_1.txt").read_text() == "[] 1"  # rank 1 does not cluster
+    r0, r1 = (
+        ClusterResult.from_state_dict(load_file(str(tmp_path / f"threads_{r}.safetensors")))
+        for r in (0, 1)
+    )
+    assert_same(r0, r1, atol=0.0)
+    assert_same(r0, cluster_features(features(301), [7], 0.2, niter=5))
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_idle_host_threads_rule(monkeypatch, one_thread):
+    import pcl_scale.distributed as distributed
+
+    comm = Comm()
+    with comm.idle_host_threads() as threads:  # one process: nobody waits
+        assert threads == torch.get_num_threads() == 1
+    comm.world_size = 4  # as if in a group of 4, two of them on this host
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "_usable_cpus", lambda: 8)
+    faiss = distributed._faiss_module()
+    faiss_before = faiss.omp_get_max_threads() if faiss is not None else None
+    with comm.idle_host_threads() as threads:
+        assert threads == torch.get_num_threads() == 2
+        if faiss is not None:
+            assert faiss.omp_get_max_threads() == 2
+    assert torch.get_num_threads() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(distributed, "_usable_cpus", lambda: 3)  # capped by the usable CPUs
+    with pytest.raises(RuntimeError, match="boom"), comm.idle_host_threads() as threads:
+        assert threads == torch.get_num_threads() == 3
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == 1  # restored after an error too
+    if faiss is not None:
+        assert faiss.omp_get_max_threads() == faiss_before
