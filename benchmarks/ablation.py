@@ -13,8 +13,9 @@ trained with ``run.resume=auto`` (from its newest intact checkpoint: the periodi
 the trainer writes when stopped by SIGINT/SIGTERM), so an interrupted ablation continues where it
 stopped; delete a run directory to redo it. Before anything is trained, every run directory that
 already holds a configuration is checked against the recipe, and one of another recipe is
-refused (checkpoint, export and logging cadence are not part of the recipe). ``--variants pcl`` trains and reports one side only (a longer recipe's expected numbers
-without paying for its baseline); the AMI difference then needs both.
+refused (checkpoint, export and logging cadence are not part of the recipe). ``--variants pcl``
+trains and reports one side only (a longer recipe's expected numbers without paying for its
+baseline); the AMI difference then needs both.
 """
 
 from __future__ import annotations
