@@ -60,8 +60,8 @@ class Comm:
         the block, restores both after; yields the thread count in use.
         """
         before = torch.get_num_threads()
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.world_size > 1 else 1
-        threads = min(before * max(local, 1), _usable_cpus())
+        local = _local_world_size() if self.world_size > 1 else 1
+        threads = min(before * local, _usable_cpus())
         if threads <= before:
             yield before
             return
@@ -140,6 +140,12 @@ class Comm:
         buckets = [torch.empty_like(src) for _ in range(self.world_size)] if self.is_main else None
         dist.gather(src, gather_list=buckets, dst=0)
         return [b.to(t.device) for b in buckets] if buckets is not None else None
+
+
+def _local_world_size() -> int:
+    """``LOCAL_WORLD_SIZE`` as the launcher set it; 1 (borrow nothing) if absent or not a count."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return max(int(value), 1) if value.strip().isdigit() else 1
 
 
 def _usable_cpus() -> int:

@@ -189,5 +189,9 @@ def test_idle_host_threads_rule(monkeypatch, one_thread):
         assert threads == torch.get_num_threads() == 3
         raise RuntimeError("boom")
     assert torch.get_num_threads() == 1  # restored after an error too
+    for junk in ("", "two", "-2", "0"):  # not a launcher's count: borrow nothing
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", junk)
+        with comm.idle_host_threads() as threads:
+            assert threads == torch.get_num_threads() == 1
     if faiss is not None:
         assert faiss.omp_get_max_threads() == faiss_before
