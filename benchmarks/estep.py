@@ -135,7 +135,7 @@ def clustering(
     out = {"cluster_s": time.perf_counter() - t0, "phi_s": t_phi}
     cpu = comm.all_gather_object(time.process_time() - cpu0)
     if mode == "gather" and comm.world_size > 1:  # CPU time the waiting ranks used meanwhile
-        out["waiting_cpu_s"] = max(cpu[1:])  # type: ignore[type-var]
+        out["waiting_cpu_s"] = max(float(c) for c in cpu[1:])  # type: ignore[arg-type]
     return out
 
 

@@ -125,7 +125,7 @@ def _threads_worker(rank: int, init_file: str, out_dir: str) -> None:
         seen.append(torch.get_num_threads())
         return clustered(*args, **kwargs)
 
-    estep.cluster_features = recording  # type: ignore[assignment]
+    estep.cluster_features = recording
     try:
         opts = estep.ExtractOptions(batch_size=64, num_workers=0, device=torch.device("cpu"))
         result = estep.run_estep(
