@@ -12,6 +12,7 @@
 #    bare PyTorch loop (images/s, peak memory);
 # 6. a short end-to-end run (digits, ZeRO-3, bf16) through `accelerate launch launch.py`.
 # Each step has its own time limit; a failing step is logged and the next one runs.
+# ONLY="cuda_tests train_step ..." runs just the steps named (in the order above).
 # RESULTS_DIR gets gpu.txt (card, versions), summary.md (tables), all.log, engines.jsonl.
 set -u
 OUT=${1:-gpu_results}
@@ -23,6 +24,7 @@ LAUNCH="$PY -m accelerate.commands.launch"
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "=== $name ($(date -u +%T)): $*" | tee -a "$OUT/all.log"
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/step.log" 2>&1
