@@ -47,7 +47,7 @@ deepspeed.__version__)" >> "$OUT/gpu.txt" 2>&1
 
 step cuda_tests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kmeans_cuda.py \
   tests/test_negatives.py
-step assign 150 $PY benchmarks/assign.py --tiles 128,128,8,3 256,128,8,2 128,64,4,4 256,64,8,3
+step assign 150 $PY benchmarks/assign.py --tiles 128,128,8,3 256,128,8,2 128,64,4,4 256,64,8,2
 step estep_clustering 150 $PY benchmarks/estep.py --device cuda --n 1281167 \
   --ks 25000 50000 100000 --extract-n 0
 step train_step 120 $PY benchmarks/train_step.py --device cuda --backbone resnet50 \
