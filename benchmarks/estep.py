@@ -119,10 +119,9 @@ def clustering(
     else:
         full = gather_by_index(index, local.cpu(), args.n, comm)
         t_phi = 0.0
-        threads = comm.idle_host_threads() if borrow else contextlib.nullcontext()
         if full is not None:
             full = full.to(device)
-            with threads:
+            with comm.idle_host_threads() if borrow else contextlib.nullcontext():
                 for m, k in enumerate(args.ks):
                     res = kmeans(full, k, backend=backend, **{**kw, "seed": m})
                     sync(device)

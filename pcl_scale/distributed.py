@@ -7,15 +7,15 @@ for gloo) and come back on the caller's device.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from pcl_scale.kmeans import faiss_available
 
 
 def init_from_env() -> torch.device:
@@ -65,7 +65,7 @@ class Comm:
         if threads <= before:
             yield before
             return
-        faiss = _faiss_module()
+        faiss = sys.modules.get("faiss") if faiss_available() else None
         faiss_before = faiss.omp_get_max_threads() if faiss is not None else 0
         torch.set_num_threads(threads)
         if faiss is not None:
@@ -152,15 +152,3 @@ def _usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def _faiss_module() -> Any:
-    """faiss when installed (imported here so that its OpenMP pool can be sized), else None."""
-    if "faiss" in sys.modules:
-        return sys.modules["faiss"]
-    if importlib.util.find_spec("faiss") is None:
-        return None
-    try:
-        return importlib.import_module("faiss")
-    except ImportError:  # a broken install: the k-means backend reports it when asked for faiss
-        return None
