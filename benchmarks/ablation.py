@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 from pcl_scale.cli import EXIT_INTERRUPTED
-from pcl_scale.config import Config, RunConfig, load_config
+from pcl_scale.config import Config, EvalConfig, RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("knn5_top1", "knn200_top1", "linear_top1", "kmeans_nmi", "kmeans_ami", "kmeans_acc")
@@ -73,7 +73,7 @@ def recipe_of(cfg: Config) -> Config:
     checkpointed and logged at another cadence, trains the same recipe."""
     defaults = RunConfig()
     blank = {name: getattr(defaults, name) for name in BOOKKEEPING}
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **blank))
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **blank), eval=EvalConfig())
 
 
 def main() -> None:
@@ -114,10 +114,10 @@ def main() -> None:
         report = run / "eval.json"
         if not report.exists():
             cli("train", "--config", args.config, *train_args)
-            proto = ["--run-dir", str(run)] if variant == "pcl" else []
-            cli("eval", str(run / "export"), "--source", args.source,
-                "--protocols", "knn,linear,cluster", "--json", str(report),
-                "--max-samples", str(max_samples), *proto)  # fmt: skip
+            proto = [f"eval.run_dir={run}"] if variant == "pcl" else []
+            cli("eval", str(run / "export"), f"data.source={args.source}",
+                "eval.protocols=[knn,linear,cluster]", f"eval.json={report}",
+                f"data.max_samples={max_samples}", *proto)  # fmt: skip
         result = json.loads(report.read_text())
         row = dict(result["pcl backbone"])
         if "prototypes" in result:  # the coarsest granularity (the recipe's first K)

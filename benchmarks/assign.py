@@ -21,7 +21,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-import pcl_scale.kmeans as km
+import pcl_scale.core.kmeans as km
 
 
 def unit_vectors(n: int, d: int, device: torch.device) -> torch.Tensor:
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp16", "tf32"])
     parser.add_argument("--tiles", type=tile, nargs="*", default=[])
     args = parser.parse_args()
-    from pcl_scale import kmeans_triton as kt
+    from pcl_scale.core import kmeans_triton as kt
 
     device = torch.device("cuda")
     x = unit_vectors(args.n, args.d, device)

@@ -18,7 +18,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from pcl_scale.kmeans_triton import power_of_two_scale
+from pcl_scale.core.kmeans_triton import power_of_two_scale
 
 
 def tf32_round(t: torch.Tensor) -> torch.Tensor:

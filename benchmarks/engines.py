@@ -13,11 +13,11 @@ line to ``--out``, and ``--report`` prints the table with each engine's ratio to
         benchmarks/engines.py --engine pcl-scale $ARGS --out $OUT
     python benchmarks/engines.py --report $OUT
 
-``pcl-scale`` runs the trainer's own step (:func:`pcl_scale.train.train_step`: shuffled-BN keys,
-ProtoNCE over 3 granularities, backward, step, enqueue) plus the momentum update, on the engine
-the launcher selects; ``bare`` runs the same two-encoder model, loss and optimizer in a plain
-loop with torch autocast. Inputs are synthetic batches already on the device, so the data
-pipeline is not measured.
+``pcl-scale`` runs the trainer's own step (:func:`pcl_scale.engine.mstep.train_step`: shuffled-BN
+keys, ProtoNCE over 3 granularities, backward, step, enqueue) plus the momentum update, on the
+engine the launcher selects; ``bare`` runs the same two-encoder model, loss and optimizer in a plain
+loop with torch autocast. Inputs are synthetic batches already on the device, so the data pipeline
+is not measured.
 """
 
 from __future__ import annotations
@@ -33,12 +33,18 @@ from typing import Any
 
 import torch
 
-from pcl_scale.checkpoint import Layout, TrainState
-from pcl_scale.clusters import random_clusters
+from pcl_scale.artifacts import TrainState
 from pcl_scale.config import Config, load_config
-from pcl_scale.distributed import Comm
-from pcl_scale.loss import pcl_loss
-from pcl_scale.runtime import distributed_kind, make_accelerator, set_deepspeed_batch, shutdown
+from pcl_scale.core.clusters import random_clusters
+from pcl_scale.core.loss import PCLLoss
+from pcl_scale.distributed.comm import Comm
+from pcl_scale.engine.checkpoint import Layout
+from pcl_scale.engine.runtime import (
+    distributed_kind,
+    make_accelerator,
+    set_deepspeed_batch,
+    shutdown,
+)
 
 
 def bench_config(args: argparse.Namespace) -> Config:
@@ -74,7 +80,7 @@ def timed(step: Callable[[], None], device: torch.device, warmup: int, iters: in
 
 
 def run_bare(args: argparse.Namespace, cfg: Config) -> tuple[str, float]:
-    from pcl_scale.train import build_model
+    from pcl_scale.engine.loop import build_model
 
     device = torch.device(args.device)
     model = build_model(cfg).to(device)
@@ -95,7 +101,7 @@ def run_bare(args: argparse.Namespace, cfg: Config) -> tuple[str, float]:
         with autocast():
             q, _ = model(im_q)
             k = model.embed(im_k)
-            out = pcl_loss(q, k, model.queue, index, 0.2, clusters, args.r, gen)
+            out = PCLLoss(0.2, args.r)(q, k, model.queue, index, clusters, generator=gen)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -113,7 +119,9 @@ def run_pcl_scale(args: argparse.Namespace, cfg: Config) -> tuple[str, float]:
 
 
 def _time_trainer_step(args: argparse.Namespace, cfg: Config, accelerator: Any) -> float:
-    from pcl_scale.train import EpochContext, _unwrap, build_model, train_step
+    from pcl_scale.engine.loop import build_model
+    from pcl_scale.engine.mstep import EpochContext, train_step
+    from pcl_scale.engine.runtime import unwrap
 
     comm = Comm()
     local_batch = args.batch_size // comm.world_size
@@ -121,7 +129,7 @@ def _time_trainer_step(args: argparse.Namespace, cfg: Config, accelerator: Any) 
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=1e-4, momentum=0.9)
     set_deepspeed_batch(accelerator, local_batch)
     model, optimizer = accelerator.prepare(model, optimizer)
-    inner = _unwrap(accelerator, model)
+    inner = unwrap(accelerator, model)
     device = accelerator.device
     clusters = random_clusters(args.n, args.ks, cfg.model.dim).to(device)
     layout = Layout(distributed_kind(accelerator), comm.world_size)
@@ -136,7 +144,7 @@ def _time_trainer_step(args: argparse.Namespace, cfg: Config, accelerator: Any) 
 
     def step() -> None:
         inner.momentum_update(0.999)
-        train_step(ctx, inner, im_q, im_k, index, micro=0)
+        train_step(ctx, im_q, im_k, index, micro=0)
         ctx.state.global_step += 1
 
     return timed(step, device, args.warmup, args.iters)

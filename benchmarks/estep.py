@@ -37,12 +37,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-import pcl_scale.kmeans as kmeans_module
-from pcl_scale.concentration import concentration
-from pcl_scale.distributed import Comm
-from pcl_scale.estep import ExtractOptions, cluster_sharded, extract_all, gather_by_index
-from pcl_scale.kmeans import Backend, faiss_available, kmeans
-from pcl_scale.model import BackboneSpec, PCLModel
+import pcl_scale.core.kmeans as kmeans_module
+from pcl_scale.core.concentration import concentration
+from pcl_scale.core.kmeans import Backend, KMeansOptions, faiss_available, kmeans
+from pcl_scale.core.model import BackboneSpec, PCLModel
+from pcl_scale.distributed.comm import Comm
+from pcl_scale.distributed.estep import ClusteringPlan, cluster_sharded
+from pcl_scale.distributed.extract import ExtractOptions, extract_all, gather_by_index
 
 
 class SyntheticImages(Dataset):
@@ -114,7 +115,9 @@ def clustering(
     sync(device)
     t0, cpu0 = time.perf_counter(), time.process_time()
     if mode == "sharded":
-        cluster_sharded(index, local, args.n, comm, args.ks, 0.2, {**kw, "init": "random"})
+        cluster_sharded(
+            index, local, args.n, comm, ClusteringPlan(tuple(args.ks), 0.2, KMeansOptions(**kw))
+        )
         t_phi = float("nan")  # included: phi is computed from all-reduced statistics in the loop
     else:
         full = gather_by_index(index, local.cpu(), args.n, comm)
@@ -163,7 +166,7 @@ def run(args: argparse.Namespace, comm: Comm) -> dict[str, Any]:
     if comm.world_size > 1 or args.device == "cuda":
         out["sharded/torch"] = clustering(args, comm, device, "sharded", "torch")
     if args.device == "cuda" and kmeans_module.fused_assign_available():
-        from pcl_scale import kmeans_triton
+        from pcl_scale.core import kmeans_triton
 
         default, kmeans_triton.PRECISION = kmeans_triton.PRECISION, "tf32"  # for comparison
         try:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pcl_scale.kmeans import kmeans
+from pcl_scale.core.kmeans import kmeans
 
 T = TypeVar("T")
 

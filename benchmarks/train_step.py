@@ -23,7 +23,7 @@ without the prototype term, and counts the ATen operations each step dispatches:
 one is a kernel launch the host must issue, which is what a small term costs next to a fast step.
 
 (b) and (c) are the trainer's step on one process: momentum update, query forward, key forward,
-loss (:func:`pcl_scale.loss.pcl_loss`), backward, SGD step, enqueue. (c) adds ProtoNCE over
+loss (:class:`pcl_scale.core.loss.PCLLoss`), backward, SGD step, enqueue. (c) adds ProtoNCE over
 M = 3 granularities (K = 25k/50k/100k over N = 1.28M dataset indices, r = 16,000 negative
 prototypes each, as for ImageNet); (b) passes no clusters. (a) is the backbone with a linear
 classifier under cross-entropy on the query view.
@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pcl_scale.clusters import ClusterResult, random_clusters
-from pcl_scale.loss import pcl_loss
-from pcl_scale.model import BackboneSpec, PCLModel
+from pcl_scale.core.clusters import ClusterResult, random_clusters
+from pcl_scale.core.loss import PCLLoss
+from pcl_scale.core.model import BackboneSpec, PCLModel
 
 
 def sync(device: torch.device) -> None:
@@ -80,8 +80,8 @@ def make_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Call
             model.momentum_update(0.999)
             q, _ = model(im_q)
             k = model.embed(im_k)
-            out = pcl_loss(
-                q, k, model.queue, index, 0.2, clusters if with_prototypes else None, args.r, gen
+            out = PCLLoss(0.2, args.r)(
+                q, k, model.queue, index, clusters if with_prototypes else None, generator=gen
             )
             out.loss.backward()
             opt.step()
@@ -166,7 +166,7 @@ def loss_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Call
     def loss(prototypes: ClusterResult | None) -> Callable[[], None]:
         def step() -> None:
             q = q0.clone().requires_grad_()
-            out = pcl_loss(q, k, queue, index, 0.2, prototypes, args.r, gen)
+            out = PCLLoss(0.2, args.r)(q, k, queue, index, prototypes, generator=gen)
             out.loss.backward()
 
         return step

@@ -1,9 +1,10 @@
 """Evaluate a published export with every protocol, learned features next to raw pixels.
 
-    python eval/evaluate.py RUN_DIR/export --source digits [--protocols knn,linear,lowshot,cluster]
-    torchrun --nproc_per_node 8 eval/evaluate.py EXPORT --source /data/imagenet   # sharded
+    python eval/evaluate.py RUN_DIR/export data.source=digits [eval.protocols=[knn,cluster]]
+    torchrun --nproc_per_node 8 eval/evaluate.py EXPORT data.source=/data/imagenet   # sharded
 
-The same as ``pcl-scale eval`` (options: ``--help``); the code is :mod:`pcl_scale.evaluation`.
+The same as ``pcl-scale eval`` (options: ``--help``); the code is
+:mod:`pcl_scale.evaluation.protocols`.
 """
 
 import sys

@@ -1,7 +1,7 @@
 """The ``pcl-scale`` command line.
 
 pcl-scale train [--config FILE] [section.key=value ...]
-pcl-scale eval EXPORT_DIR --source SOURCE [--protocols knn,linear,lowshot,cluster] ...
+pcl-scale eval EXPORT_DIR [--config FILE] [data.source=SOURCE eval.protocols=[knn,cluster] ...]
 pcl-scale report RUN_DIR
 """
 
@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pcl_scale import __version__
 from pcl_scale.errors import UserError
@@ -44,7 +45,8 @@ def train_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
 
     from pcl_scale.config import load_config
-    from pcl_scale.train import format_report, train
+    from pcl_scale.engine.loop import train
+    from pcl_scale.evaluation.tables import format_report
 
     cfg = load_config(args.config or _default_recipe(), args.overrides)
     result = train(cfg)
@@ -57,110 +59,65 @@ def train_main(argv: Sequence[str]) -> int:
     return 0
 
 
+EVAL_DEFAULTS = ["data.eval_split=test"]  # pcl-scale eval scores a held-out split by default
+
+
 def eval_main(argv: Sequence[str]) -> int:
-    import json
-
-    import torch
-
-    from pcl_scale.config import DataConfig
-    from pcl_scale.distributed import Comm, init_from_env
-    from pcl_scale.evaluation import (
-        OPTIONAL_PROTOCOLS,
-        PROTOCOLS,
-        evaluate_export,
-        format_evaluation,
-    )
-    from pcl_scale.linear_probe import ReferenceSchedule
+    from pcl_scale.config import describe_options, load_config, validate_eval
 
     parser = argparse.ArgumentParser(
         prog="pcl-scale eval",
         description=(
             "Evaluate a published export (RUN_DIR/export) on a labelled dataset, learned "
-            "features next to raw pixels. Under torchrun/accelerate launch the extraction is "
-            "sharded over the processes."
+            "features next to raw pixels. Options come from the defaults below, then --config "
+            "(e.g. the run's config.yaml), then section.key=value overrides. Under "
+            "torchrun/accelerate launch the extraction is sharded over the processes."
         ),
+        epilog="options (section.key=default):\n"
+        + describe_options(("data", "eval")).replace("data.eval_split=''", "data.eval_split=test"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("export_dir", type=Path)
-    parser.add_argument("--source", required=True, help="data source, as data.source")
-    parser.add_argument("--split", default="train", help="training / gallery split")
-    parser.add_argument("--eval-split", default="test", help="test / query split")
-    parser.add_argument("--image-column", default="image")
-    parser.add_argument("--label-column", default="label")
-    parser.add_argument("--resize-size", type=int, default=0)
-    parser.add_argument("--cache-dir", default=DataConfig.cache_dir)
-    parser.add_argument(
-        "--max-samples",
-        type=int,
-        default=0,
-        help="use the first N samples of each split, as data.max_samples (0 = all)",
-    )
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument(
-        "--protocols",
-        default=",".join(PROTOCOLS),
-        help=f"comma-separated, of {', '.join(PROTOCOLS + OPTIONAL_PROTOCOLS)}",
-    )
-    parser.add_argument(
-        "--linear-epochs",
-        type=int,
-        default=100,
-        help="linear_reference: epochs (milestones 60%%, 80%%)",
-    )
-    parser.add_argument("--lowshot-ks", default="1,2,4,8,16")
-    parser.add_argument("--lowshot-runs", type=int, default=5)
-    parser.add_argument("--run-dir", type=Path, help="also score this run's prototypes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="also write the report here")
-    args = parser.parse_args(list(argv))
+    parser.add_argument("--config", help="YAML with data/eval sections (e.g. RUN_DIR/config.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.source=digits")
+    args, unknown = parser.parse_known_args(list(argv))
+    if unknown:
+        raise UserError(
+            f"unknown option {unknown[0]}: pcl-scale eval takes section.key=value overrides "
+            "(e.g. eval.protocols=[knn,cluster]); --help lists them"
+        )
     if not (args.export_dir / "config.json").is_file():
         raise UserError(
             f"{args.export_dir} holds no config.json: pass a run's export directory "
             "(RUN_DIR/export)"
         )
-    if args.max_samples < 0:
-        raise UserError(f"--max-samples={args.max_samples}: give 0 (all) or a positive count")
-    try:
-        ks = [int(k) for k in args.lowshot_ks.split(",") if k]
-    except ValueError as err:
-        raise UserError(f"--lowshot-ks={args.lowshot_ks!r}: give integers, e.g. 1,2,4") from err
+    cfg = load_config(args.config, args.overrides, command_defaults=EVAL_DEFAULTS)
+    validate_eval(cfg)
+    return run_eval(args.export_dir, cfg)
+
+
+def run_eval(export_dir: Path, cfg: Any) -> int:
+    import json
+
+    import torch
+
+    from pcl_scale.distributed.comm import Comm, init_from_env
+    from pcl_scale.evaluation.protocols import evaluate_export
+    from pcl_scale.evaluation.tables import format_evaluation
+
     device = init_from_env()
-    data = DataConfig(
-        source=args.source,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        resize_size=args.resize_size,
-        cache_dir=args.cache_dir,
-        max_samples=args.max_samples,
-    )
-    report = evaluate_export(
-        args.export_dir,
-        data,
-        args.split,
-        args.eval_split,
-        [p for p in args.protocols.split(",") if p],
-        Comm(),
-        device,
-        args.batch_size,
-        ks,
-        args.lowshot_runs,
-        args.run_dir,
-        args.seed,
-        ReferenceSchedule(
-            epochs=args.linear_epochs,
-            milestones=(round(0.6 * args.linear_epochs), round(0.8 * args.linear_epochs)),
-        ),
-    )
+    report = evaluate_export(export_dir, cfg.data, cfg.eval, Comm(), device)
     if report is not None:
         print(format_evaluation(report))
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2))
+        if cfg.eval.json:
+            Path(cfg.eval.json).write_text(json.dumps(report, indent=2))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
 
 
 def report_main(argv: Sequence[str]) -> int:
-    from pcl_scale.report import write_report
+    from pcl_scale.evaluation.report import write_report
 
     parser = argparse.ArgumentParser(
         prog="pcl-scale report",

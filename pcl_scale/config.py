@@ -231,6 +231,33 @@ class RunConfig:
     )
 
 
+EVAL_PROTOCOLS = ("knn", "linear", "lowshot", "cluster")
+# run on request only: it trains through the images for eval.linear_epochs epochs
+OPTIONAL_EVAL_PROTOCOLS = ("linear_reference",)
+
+
+@dataclass
+class EvalConfig:
+    protocols: list[str] = field(
+        default_factory=lambda: list(EVAL_PROTOCOLS),
+        metadata=_help(
+            f"pcl-scale eval: protocols, of {', '.join(EVAL_PROTOCOLS + OPTIONAL_EVAL_PROTOCOLS)}"
+            " (gallery/training split data.split, queries/test split data.eval_split)"
+        ),
+    )
+    batch_size: int = field(default=256, metadata=_help("extraction batch per process"))
+    lowshot_ks: list[int] = field(
+        default_factory=lambda: [1, 2, 4, 8, 16], metadata=_help("low-shot: images per class")
+    )
+    lowshot_runs: int = field(default=5, metadata=_help("low-shot: random draws per k"))
+    linear_epochs: int = field(
+        default=100, metadata=_help("linear_reference: epochs (lr decays at 60% and 80%)")
+    )
+    run_dir: str = field(default="", metadata=_help("also score this run's prototypes ('' = no)"))
+    json: str = field(default="", metadata=_help("also write the report to this file"))
+    seed: int = field(default=0, metadata=_help("seed of the probes and samples"))
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -239,11 +266,18 @@ class Config:
     estep: EStepConfig = field(default_factory=EStepConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML recipe <- dotted overrides (``section.key=value``), type-checked."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    command_defaults: list[str] | None = None,
+) -> Config:
+    """Defaults <- a command's own defaults <- YAML recipe <- dotted overrides, type-checked."""
     layers: list[Any] = [OmegaConf.structured(Config)]
+    if command_defaults:
+        layers.append(OmegaConf.from_dotlist(command_defaults))
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -290,11 +324,13 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe_options() -> str:
-    """Every option with its default and help, for ``--help``."""
+def describe_options(sections: tuple[str, ...] | None = None) -> str:
+    """Every option (of ``sections``, default all) with its default and help, for ``--help``."""
     lines = []
     defaults = Config()
     for section in dataclasses.fields(Config):
+        if sections is not None and section.name not in sections:
+            continue
         lines.append(f"{section.name}:")
         sub = getattr(defaults, section.name)
         for f in dataclasses.fields(sub):
@@ -327,7 +363,7 @@ _CHOICES = {
 
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Check values once; raise :class:`ConfigError` naming the bad value and the fix."""
-    from pcl_scale.model import RESNETS, VITS
+    from pcl_scale.core.model import RESNETS, VITS
 
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
@@ -406,3 +442,52 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"data.mean={mp} and data.std={cfg.data.std} need 3 values, std > 0")
     if cfg.run.trackers and not set(cfg.run.trackers) <= {"tensorboard", "wandb"}:
         raise ConfigError(f"run.trackers={cfg.run.trackers}: supported are tensorboard, wandb")
+
+
+def local_batch_size(cfg: Config, world_size: int) -> int:
+    """Samples per micro-batch on each process: the global batch over processes and accumulation."""
+    return cfg.optim.batch_size // (world_size * cfg.optim.grad_accum)
+
+
+def steps_per_epoch(cfg: Config, n: int, world_size: int) -> int:
+    """Optimizer steps per epoch: full local batches of this rank's share, over accumulation."""
+    local = local_batch_size(cfg, world_size)
+    steps = (n // world_size) // local // cfg.optim.grad_accum  # DistributedSampler drop_last
+    return min(steps, cfg.run.max_steps_per_epoch) if cfg.run.max_steps_per_epoch else steps
+
+
+def validate_for_data(cfg: Config, n: int, world_size: int) -> None:
+    """The checks that need the training set's size ``n`` (after :func:`validate`)."""
+    if max(cfg.pcl.num_clusters) > n:
+        raise ConfigError(
+            f"pcl.num_clusters={cfg.pcl.num_clusters} asks for more clusters than the {n} "
+            f"training samples: every K must be at most {n}"
+        )
+    if steps_per_epoch(cfg, n, world_size) == 0:
+        raise ConfigError(
+            f"optim.batch_size={cfg.optim.batch_size} x optim.grad_accum={cfg.optim.grad_accum} "
+            f"needs more than the {n} training samples for one optimizer step: lower them"
+        )
+
+
+def validate_eval(cfg: Config) -> None:
+    """Check the options ``pcl-scale eval`` reads: the data section and the eval section."""
+    e = cfg.eval
+    unknown = sorted(set(e.protocols) - set(EVAL_PROTOCOLS) - set(OPTIONAL_EVAL_PROTOCOLS))
+    if unknown or not e.protocols:
+        raise ConfigError(
+            f"eval.protocols={e.protocols}: unknown protocols {unknown}; choose from "
+            f"{list(EVAL_PROTOCOLS + OPTIONAL_EVAL_PROTOCOLS)}"
+        )
+    for name, value in {"eval.batch_size": e.batch_size, "eval.lowshot_runs": e.lowshot_runs,
+                        "eval.linear_epochs": e.linear_epochs}.items():  # fmt: skip
+        if value <= 0:
+            raise ConfigError(f"{name}={value} must be a positive number")
+    if not e.lowshot_ks or min(e.lowshot_ks) <= 0:
+        raise ConfigError(f"eval.lowshot_ks={e.lowshot_ks} must be positive counts, e.g. [1,2,4]")
+    for name, value in {"data.max_samples": cfg.data.max_samples,
+                        "data.num_workers": cfg.data.num_workers}.items():  # fmt: skip
+        if value < 0:
+            raise ConfigError(f"{name}={value} must be >= 0")
+    if not cfg.data.eval_split:
+        raise ConfigError("data.eval_split='' : pcl-scale eval needs a query split, e.g. test")

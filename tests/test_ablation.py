@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pcl_scale.checkpoint import PREFIX
+from pcl_scale.artifacts import PREFIX
 from pcl_scale.config import load_config, save_config
 
 from .conftest import ROOT

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pcl_scale.concentration import (
+from pcl_scale.core.concentration import (
     cluster_distance_stats,
     concentration,
     concentration_from_stats,

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pcl_scale.checkpoint import STATE_FILE, Layout, load_checkpoint
+from pcl_scale.artifacts import STATE_FILE, load_exported_backbone
 from pcl_scale.cli import main
 from pcl_scale.config import ConfigError, load_config
+from pcl_scale.engine.checkpoint import Layout, load_checkpoint
+from pcl_scale.engine.runtime import check_deepspeed_config
 from pcl_scale.errors import UserError
-from pcl_scale.export import load_exported_backbone
-from pcl_scale.runtime import check_deepspeed_config
 
 from .conftest import ROOT, launch_and_dump, launch_env, tiny_overrides
 

@@ -14,24 +14,20 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from pcl_scale.clusters import ClusterResult, cluster_features
-from pcl_scale.distributed import Comm
-from pcl_scale.estep import (
+from pcl_scale.core.clusters import ClusterResult, cluster_features
+from pcl_scale.core.kmeans import KMeansOptions, faiss_available
+from pcl_scale.distributed.comm import Comm
+from pcl_scale.distributed.estep import (
+    ClusteringPlan,
     broadcast_clusters,
     choose_mode,
     cluster_sharded,
-    gather_by_index,
 )
-from pcl_scale.kmeans import faiss_available
+from pcl_scale.distributed.extract import ExtractOptions, gather_by_index
 
-KW: dict[str, Any] = {
-    "niter": 10,
-    "nredo": 2,
-    "spherical": False,
-    "seed": 3,
-    "init": "random",
-    "backend": "torch",
-}
+from .fakes import FakeComm
+
+KMEANS = KMeansOptions(niter=10, nredo=2, spherical=False, seed=3, init="random", backend="torch")
 
 
 def features(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
@@ -49,10 +45,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, n: int, ks: lis
         full = features(n)
         index = torch.arange(rank, n, world)
         local = full[index]
-        sharded = cluster_sharded(index, local, n, comm, ks, 0.2, KW)
+        sharded = cluster_sharded(index, local, n, comm, ClusteringPlan(tuple(ks), 0.2, KMEANS))
         gathered_full = gather_by_index(index, local, n, comm)
         result = (
-            cluster_features(gathered_full, ks, 0.2, **KW) if gathered_full is not None else None
+            cluster_features(gathered_full, ks, 0.2, KMEANS) if gathered_full is not None else None
         )
         gathered = broadcast_clusters(result, ks, n, full.shape[1], comm)
         save_file(sharded.state_dict(), f"{out_dir}/sharded_{rank}.safetensors")
@@ -84,7 +80,7 @@ def assert_same(a: ClusterResult, b: ClusterResult, atol: float = 1e-5) -> None:
 def test_two_processes_match_one_process_in_both_modes(tmp_path, n, ks):
     """N odd (uneven shards); with N = 61 each rank holds ~30 rows, fewer than K = 40."""
     results = run_two_processes(tmp_path, n, ks)
-    single = cluster_features(features(n), ks, 0.2, **KW)
+    single = cluster_features(features(n), ks, 0.2, KMEANS)
     for mode in ("sharded", "gather"):
         r0, r1 = results[mode]
         assert_same(r0, r1, atol=0.0)  # identical on both ranks
@@ -115,7 +111,7 @@ class _Points(torch.utils.data.Dataset):
 
 
 def _threads_worker(rank: int, init_file: str, out_dir: str) -> None:
-    import pcl_scale.estep as estep
+    import pcl_scale.distributed.estep as estep
 
     torch.set_num_threads(1)
     os.environ["LOCAL_WORLD_SIZE"] = "2"  # as torchrun and accelerate launch set it
@@ -129,17 +125,9 @@ def _threads_worker(rank: int, init_file: str, out_dir: str) -> None:
 
     estep.cluster_features = recording
     try:
-        opts = estep.ExtractOptions(batch_size=64, num_workers=0, device=torch.device("cpu"))
-        result = estep.run_estep(
-            lambda x: x.flatten(1),
-            _Points(301),
-            Comm(),
-            opts,
-            [7],
-            0.2,
-            {"niter": 5},
-            mode="gather",
-        )
+        opts = ExtractOptions(batch_size=64, num_workers=0, device=torch.device("cpu"))
+        plan = ClusteringPlan((7,), 0.2, KMeansOptions(niter=5), mode="gather")
+        result = estep.run_estep(lambda x: x.flatten(1), _Points(301), Comm(), opts, plan)
         save_file(result.state_dict(), f"{out_dir}/threads_{rank}.safetensors")
         Path(out_dir, f"threads_{rank}.txt").write_text(f"{seen} {torch.get_num_threads()}")
     finally:
@@ -158,7 +146,7 @@ def test_gather_mode_clusters_with_the_waiting_ranks_threads(tmp_path):
         for r in (0, 1)
     )
     assert_same(r0, r1, atol=0.0)
-    assert_same(r0, cluster_features(features(301), [7], 0.2, niter=5))
+    assert_same(r0, cluster_features(features(301), [7], 0.2, KMeansOptions(niter=5)))
 
 
 @pytest.fixture
@@ -170,14 +158,10 @@ def one_thread():
 
 
 def test_idle_host_threads_rule(monkeypatch, one_thread):
-    import pcl_scale.distributed as distributed
-
-    comm = Comm()
-    with comm.idle_host_threads() as threads:  # one process: nobody waits
+    with Comm().idle_host_threads() as threads:  # one process: nobody waits
         assert threads == torch.get_num_threads() == 1
-    comm.world_size = 4  # as if in a group of 4, two of them on this host
+    comm = FakeComm(rank=0, world_size=4, cpus=8)  # a group of 4, two of them on this host
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(distributed, "_usable_cpus", lambda: 8)
     faiss = sys.modules.get("faiss") if faiss_available() else None
     faiss_before = faiss.omp_get_max_threads() if faiss is not None else None
     with comm.idle_host_threads() as threads:
@@ -186,8 +170,8 @@ def test_idle_host_threads_rule(monkeypatch, one_thread):
             assert faiss.omp_get_max_threads() == 2
     assert torch.get_num_threads() == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    monkeypatch.setattr(distributed, "_usable_cpus", lambda: 3)  # capped by the usable CPUs
-    with pytest.raises(RuntimeError, match="boom"), comm.idle_host_threads() as threads:
+    capped = FakeComm(rank=0, world_size=8, cpus=3)  # capped by the usable CPUs
+    with pytest.raises(RuntimeError, match="boom"), capped.idle_host_threads() as threads:
         assert threads == torch.get_num_threads() == 3
         raise RuntimeError("boom")
     assert torch.get_num_threads() == 1  # restored after an error too

@@ -10,8 +10,8 @@ import torch
 from pcl_scale.cli import main
 from pcl_scale.config import DataConfig, load_config
 from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
-from pcl_scale.metrics import knn_scores
-from pcl_scale.train import train
+from pcl_scale.engine.loop import train
+from pcl_scale.evaluation.metrics import knn_scores
 
 from .conftest import ROOT, launch_env, make_hf_dataset, tiny_overrides
 
@@ -40,12 +40,10 @@ def eval_args(run, data, *extra):
     return [
         "eval",
         str(run / "export"),
-        "--source",
-        str(data),
-        "--lowshot-ks",
-        "1,2,4,32",
-        "--lowshot-runs",
-        "2",
+        f"data.source={data}",
+        "data.num_workers=0",
+        "eval.lowshot_ks=[1,2,4,32]",
+        "eval.lowshot_runs=2",
         *extra,
     ]
 
@@ -56,10 +54,8 @@ def test_every_protocol_for_learned_and_raw_features(tiny_run, module_tiny_datas
         main(
             [
                 *eval_args(tiny_run, module_tiny_dataset_dir),
-                "--run-dir",
-                str(tiny_run),
-                "--json",
-                str(out),
+                f"eval.run_dir={tiny_run}",
+                f"eval.json={out}",
             ]
         )
         == 0
@@ -94,16 +90,16 @@ def test_every_protocol_for_learned_and_raw_features(tiny_run, module_tiny_datas
 
 
 def test_sharded_over_two_processes_equals_one(tiny_run, module_tiny_dataset_dir, tmp_path):
-    args = eval_args(tiny_run, module_tiny_dataset_dir, "--protocols", "knn,cluster")
+    args = eval_args(tiny_run, module_tiny_dataset_dir, "eval.protocols=[knn,cluster]")
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     torch.set_num_threads(1)  # as each of the two processes below
     try:
-        assert main([*args, "--json", str(one)]) == 0
+        assert main([*args, f"eval.json={one}"]) == 0
     finally:
         torch.set_num_threads(2)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29571", "-m", "pcl_scale.cli", *args, "--json", str(two),
+        "--master_port", "29571", "-m", "pcl_scale.cli", *args, f"eval.json={two}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=launch_env(), cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -116,10 +112,13 @@ def test_sharded_over_two_processes_equals_one(tiny_run, module_tiny_dataset_dir
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--protocols", "knn,svm"], "unknown protocols ['svm']"),
-        (["--label-column", "nope"], "'nope'"),
-        (["--lowshot-ks", "1,x"], "--lowshot-ks='1,x'"),
-        (["--max-samples", "-1"], "--max-samples=-1"),
+        (["eval.protocols=[knn,svm]"], "unknown protocols ['svm']"),
+        (["data.label_column=nope"], "'nope'"),
+        (["eval.lowshot_ks=[1,x]"], "eval.lowshot_ks"),
+        (["eval.lowshot_ks=[0,2]"], "eval.lowshot_ks=[0, 2] must be positive"),
+        (["data.max_samples=-1"], "data.max_samples=-1"),
+        (["data.eval_split=''"], "needs a query split"),
+        (["--protocols", "knn"], "section.key=value"),
     ],
 )
 def test_bad_eval_input_is_a_clear_error(tiny_run, module_tiny_dataset_dir, extra, message, capsys):
@@ -130,14 +129,14 @@ def test_bad_eval_input_is_a_clear_error(tiny_run, module_tiny_dataset_dir, extr
 
 def test_max_samples_limits_the_split(tiny_run, module_tiny_dataset_dir, capsys):
     # the run clustered all 48 training images; the first 24 cannot be scored against them
-    args = eval_args(tiny_run, module_tiny_dataset_dir, "--protocols", "cluster")
-    assert main([*args, "--max-samples", "24", "--run-dir", str(tiny_run)]) == 2
+    args = eval_args(tiny_run, module_tiny_dataset_dir, "eval.protocols=[cluster]")
+    assert main([*args, "data.max_samples=24", f"eval.run_dir={tiny_run}"]) == 2
     err = capsys.readouterr().err
     assert "covers 48 images but split 'train' has 24" in err and "Traceback" not in err
 
 
 def test_eval_of_a_directory_without_export_is_refused(tmp_path, capsys):
-    assert main(["eval", str(tmp_path), "--source", "digits"]) == 2
+    assert main(["eval", str(tmp_path), "data.source=digits"]) == 2
     assert "holds no config.json" in capsys.readouterr().err
 
 
@@ -145,8 +144,8 @@ def test_reference_linear_protocol_trains_through_the_images(
     tiny_run, module_tiny_dataset_dir, tmp_path
 ):
     out = tmp_path / "linear.json"
-    args = eval_args(tiny_run, module_tiny_dataset_dir, "--protocols", "linear_reference")
-    assert main([*args, "--linear-epochs", "3", "--json", str(out)]) == 0
+    args = eval_args(tiny_run, module_tiny_dataset_dir, "eval.protocols=[linear_reference]")
+    assert main([*args, "eval.linear_epochs=3", f"eval.json={out}"]) == 0
     report = json.loads(out.read_text())
     for name in ("raw pixels", "pcl backbone"):
         row = report[name]
@@ -173,7 +172,7 @@ def test_multilabel_targets_get_lowshot_map(tiny_run, tmp_path):
         )
     datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "voc"))
     out = tmp_path / "voc.json"
-    args = ["--label-column", "targets", "--protocols", "knn,lowshot", "--json", str(out)]
+    args = ["data.label_column=targets", "eval.protocols=[knn,lowshot]", f"eval.json={out}"]
     assert main([*eval_args(tiny_run, tmp_path / "voc"), *args]) == 0
     report = json.loads(out.read_text())
     for name in ("raw pixels", "pcl backbone"):

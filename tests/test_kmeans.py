@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import normalized_mutual_info_score as nmi
 
-from pcl_scale.kmeans import _update_centroids, assign, kmeans
+from pcl_scale.core.kmeans import _update_centroids, assign, kmeans
 
 faiss = pytest.importorskip("faiss")
 

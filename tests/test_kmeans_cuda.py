@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcl_scale.kmeans import assign, kmeans
+from pcl_scale.core.kmeans import assign, kmeans
 
 
 @pytest.mark.gpu
@@ -12,11 +12,11 @@ from pcl_scale.kmeans import assign, kmeans
 @pytest.mark.parametrize("precision", ["fp16", "tf32"])
 @pytest.mark.parametrize("n, k, d", [(20_000, 1_000, 128), (5_003, 517, 96), (4_099, 4_099, 16)])
 def test_fused_cuda_assignment_matches_the_chunked_product(n, k, d, precision, monkeypatch):
-    import pcl_scale.kmeans as km
+    import pcl_scale.core.kmeans as km
 
     if not km.fused_assign_available():
         pytest.skip("needs Triton")
-    from pcl_scale import kmeans_triton
+    from pcl_scale.core import kmeans_triton
 
     monkeypatch.setattr(kmeans_triton, "PRECISION", precision)
     g = torch.Generator().manual_seed(n)
@@ -36,7 +36,7 @@ def test_fused_cuda_assignment_matches_the_chunked_product(n, k, d, precision, m
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kmeans_on_cuda_matches_the_chunked_objective(monkeypatch):
-    import pcl_scale.kmeans as km
+    import pcl_scale.core.kmeans as km
 
     if not km.fused_assign_available():
         pytest.skip("needs Triton")

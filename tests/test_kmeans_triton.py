@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 CHILD = """
 import sys, torch
-import pcl_scale.kmeans_triton as kt
+import pcl_scale.core.kmeans_triton as kt
 out = {}
 for name, (precision, x, c) in torch.load(sys.argv[1]).items():
     kt.PRECISION = precision

@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcl_scale.clusters import Clustering, ClusterResult, cluster_features
-from pcl_scale.loss import infonce_logits, pcl_loss, protonce_logits
-from pcl_scale.model import BackboneSpec, PCLModel
+from pcl_scale.core.clusters import Clustering, ClusterResult, cluster_features
+from pcl_scale.core.kmeans import KMeansOptions
+from pcl_scale.core.loss import PCLLoss, infonce_logits, protonce_logits
+from pcl_scale.core.model import BackboneSpec, PCLModel
 
 
 def unit(*shape, seed=0):
@@ -39,7 +40,7 @@ def test_protonce_logits_against_loop():
 
 def test_table_rows_are_prototypes_over_phi_with_offsets():
     feats = unit(60, 8, seed=0)
-    clusters = cluster_features(feats, (7, 12, 5), 0.2, niter=3)
+    clusters = cluster_features(feats, (7, 12, 5), 0.2, KMeansOptions(niter=3))
     table = clusters.table
     assert table.scaled.shape == (24, 8)
     assert table.offsets.flatten().tolist() == [0, 7, 19]
@@ -60,8 +61,13 @@ def test_protonce_with_instance_prototypes_and_phi_tau_is_infonce():
             (Clustering(protos, torch.full((r + 1,), tau), torch.zeros(1, dtype=torch.long)),)
         )
         g = torch.Generator().manual_seed(i)
-        out = pcl_loss(
-            q[i : i + 1], k[i : i + 1], queue, torch.zeros(1, dtype=torch.long), tau, clusters, r, g
+        out = PCLLoss(tau, r)(
+            q[i : i + 1],
+            k[i : i + 1],
+            queue,
+            torch.zeros(1, dtype=torch.long),
+            clusters,
+            generator=g,
         )
         assert out.loss_proto is not None
         torch.testing.assert_close(out.loss_proto, out.loss_inst)
@@ -71,10 +77,10 @@ def test_total_loss_is_inst_plus_mean_proto():
     tau, r = 0.2, 3
     n, b = 50, 6
     feats = unit(n, 8, seed=0)
-    clusters = cluster_features(feats, (10, 20), tau, niter=5)
+    clusters = cluster_features(feats, (10, 20), tau, KMeansOptions(niter=5))
     q, k, queue = unit(b, 8, seed=1), unit(b, 8, seed=2), unit(12, 8, seed=3)
     index = torch.tensor([0, 5, 7, 11, 30, 49])
-    out = pcl_loss(q, k, queue, index, tau, clusters, r, torch.Generator().manual_seed(0))
+    out = PCLLoss(tau, r)(q, k, queue, index, clusters, generator=torch.Generator().manual_seed(0))
     # slow reference with the same draws: the r eligible ids with the smallest seeded keys
     keys = torch.rand(2, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     protos, accs = [], []
@@ -106,13 +112,15 @@ def test_total_loss_is_inst_plus_mean_proto():
 def test_float32_logits_under_bf16_autocast():
     """The loss ignores autocast: the same value and gradient as without it."""
     feats = unit(80, 16, seed=0)
-    clusters = cluster_features(feats, (14, 20), 0.2, niter=3)
+    clusters = cluster_features(feats, (14, 20), 0.2, KMeansOptions(niter=3))
     k, queue, index = unit(8, 16, seed=2), unit(64, 16, seed=3), torch.arange(8) * 9
     losses, grads = [], []
     for autocast in (False, True):
         q = unit(8, 16, seed=1).requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = pcl_loss(q, k, queue, index, 0.2, clusters, 4, torch.Generator().manual_seed(0))
+            out = PCLLoss(0.2, 4)(
+                q, k, queue, index, clusters, generator=torch.Generator().manual_seed(0)
+            )
         out.loss.backward()
         assert out.loss.dtype == torch.float32
         losses.append(out.loss.detach())
@@ -123,7 +131,7 @@ def test_float32_logits_under_bf16_autocast():
 
 def test_warmup_is_infonce_only():
     q, k, queue = unit(4, 8, seed=0), unit(4, 8, seed=1), unit(6, 8, seed=2)
-    out = pcl_loss(q, k, queue, torch.arange(4), 0.2, None, 2, torch.Generator())
+    out = PCLLoss(0.2, 2)(q, k, queue, torch.arange(4), None, generator=torch.Generator())
     assert out.loss_proto is None and out.acc_proto is None
     torch.testing.assert_close(out.loss, out.loss_inst)
 
@@ -143,18 +151,16 @@ def test_invariant_to_prototype_permutation():
     q, k, queue = unit(b, 8, seed=4), unit(b, 8, seed=5), unit(10, 8, seed=6)
     r = k_protos - int(assignments[index].unique().numel())  # all eligible: same negative set
     assert r == k_protos - b
-    a = pcl_loss(
+    a = PCLLoss(tau, r)(
         q,
         k,
         queue,
         index,
-        tau,
         ClusterResult((Clustering(protos, phi, assignments),)),
-        r,
-        torch.Generator().manual_seed(0),
+        generator=torch.Generator().manual_seed(0),
     )
-    c = pcl_loss(
-        q, k, queue, index, tau, ClusterResult((permuted,)), r, torch.Generator().manual_seed(1)
+    c = PCLLoss(tau, r)(
+        q, k, queue, index, ClusterResult((permuted,)), generator=torch.Generator().manual_seed(1)
     )
     torch.testing.assert_close(a.loss, c.loss)
 
@@ -165,9 +171,9 @@ def test_gradients_reach_only_the_online_encoder():
     q, k = model(x, x.flip(3))
     assert k is not None and not k.requires_grad
     feats = unit(20, 16, seed=0)
-    clusters = cluster_features(feats, (6,), 0.2, niter=3)
-    out = pcl_loss(
-        q, k, model.queue, torch.arange(4), 0.2, clusters, 2, torch.Generator().manual_seed(0)
+    clusters = cluster_features(feats, (6,), 0.2, KMeansOptions(niter=3))
+    out = PCLLoss(0.2, 2)(
+        q, k, model.queue, torch.arange(4), clusters, generator=torch.Generator().manual_seed(0)
     )
     out.loss.backward()
     assert all(p.grad is None for p in model.encoder_k.parameters())

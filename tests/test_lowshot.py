@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pcl_scale.lowshot import (
+from pcl_scale.evaluation.lowshot import (
     lowshot_svm,
     sample_per_class,
     sample_positives_per_class,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcl_scale.metrics import (
+from pcl_scale.evaluation.metrics import (
     clustering_scores,
     hungarian_accuracy,
     knn_class_scores,
@@ -111,7 +111,7 @@ def test_clustering_scores_agree_with_sklearn():
 
 
 def test_linear_probe_picks_weight_decay_on_validation_only():
-    from pcl_scale.linear_probe import _split_validation, linear_probe
+    from pcl_scale.evaluation.linear_probe import _split_validation, linear_probe
 
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(5, 20, generator=g) * 3
@@ -130,7 +130,7 @@ def test_linear_probe_picks_weight_decay_on_validation_only():
 
 
 def test_reference_linear_schedule_is_the_spec():
-    from pcl_scale.linear_probe import _reference_lr, reference_schedule
+    from pcl_scale.evaluation.linear_probe import _reference_lr, reference_schedule
 
     s = reference_schedule()
     assert (s.lr, s.momentum, s.weight_decay, s.batch_size, s.epochs) == (5.0, 0.9, 0.0, 256, 100)

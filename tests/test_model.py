@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from pcl_scale.model import BackboneSpec, PCLModel, build_backbone, ema_update
+from pcl_scale.core.model import BackboneSpec, PCLModel, build_backbone, ema_update
 
 
 def tiny_model(queue_size=10, dim=8):

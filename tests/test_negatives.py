@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pcl_scale.negatives import NegativeSampler
+from pcl_scale.core.negatives import NegativeSampler
 
 
 def test_never_returns_a_positive_and_no_duplicates():

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from pcl_scale.checkpoint import find_latest
+from pcl_scale.artifacts import find_latest
 from pcl_scale.config import load_config
-from pcl_scale.distributed import Comm
-from pcl_scale.model import BackboneSpec, PCLModel
-from pcl_scale.train import fill_queue, train
+from pcl_scale.core.model import BackboneSpec, PCLModel
+from pcl_scale.distributed.comm import Comm
+from pcl_scale.engine.keys import fill_queue
+from pcl_scale.engine.loop import train
 
 from .conftest import tiny_overrides
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from pcl_scale.cli import main
 from pcl_scale.config import load_config
-from pcl_scale.train import train
+from pcl_scale.engine.loop import train
 
 from .conftest import tiny_overrides
 

@@ -15,7 +15,7 @@ import torch
 
 from pcl_scale.cli import EXIT_INTERRUPTED, main
 from pcl_scale.config import load_config, save_config
-from pcl_scale.train import train
+from pcl_scale.engine.loop import train
 
 from .conftest import ROOT, launch_and_dump, launch_commands, launch_env, tiny_overrides
 
@@ -72,7 +72,7 @@ def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, tiny_dataset_dir
     newest = out / "checkpoints" / "step_000000006"
     with open(newest / "model.safetensors", "r+b") as fh:  # truncate, as a full disk would
         fh.truncate(100)
-    from pcl_scale.checkpoint import find_latest
+    from pcl_scale.artifacts import find_latest
 
     with pytest.warns(
         UserWarning, match="skipping damaged checkpoint.*model.safetensors has size 100"

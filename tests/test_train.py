@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pcl_scale.cli import main
-from pcl_scale.clusters import ClusterResult
 from pcl_scale.config import load_config
-from pcl_scale.export import export_backbone
-from pcl_scale.model import BackboneSpec, PCLModel
-from pcl_scale.train import build_model, train
+from pcl_scale.core.clusters import ClusterResult
+from pcl_scale.core.loss import PCLLoss
+from pcl_scale.core.model import BackboneSpec, PCLModel
+from pcl_scale.engine.export import export_backbone
+from pcl_scale.engine.loop import build_model, train
 
 from .conftest import ROOT, launch_and_dump, make_hf_dataset, tiny_overrides
 
@@ -78,16 +79,14 @@ def test_checkpoints_are_complete_and_pruned(tmp_path, tiny_dataset_dir):
 def test_export_loads_into_plain_torchvision_with_same_embeddings(
     tmp_path, tiny_dataset_dir, monkeypatch
 ):
-    import pcl_scale.train as train_module
-
-    real_loss = train_module.pcl_loss
+    real_loss = PCLLoss.__call__
     seeds = []  # the seed of every micro-batch's negative-prototype generator
 
-    def recording_loss(*args):
-        seeds.append(args[-1].initial_seed())
-        return real_loss(*args)
+    def recording_loss(self, *args, generator):
+        seeds.append(generator.initial_seed())
+        return real_loss(self, *args, generator=generator)
 
-    monkeypatch.setattr(train_module, "pcl_loss", recording_loss)
+    monkeypatch.setattr(PCLLoss, "__call__", recording_loss)
     out = tmp_path / "run"
     extra = {
         "optim.epochs": 2,
@@ -129,7 +128,7 @@ def test_export_loads_into_plain_torchvision_with_same_embeddings(
     spec.loader.exec_module(eval_knn)
     report_file = tmp_path / "report.json"
     code = eval_knn.main(
-        [str(out / "export"), "--source", str(tiny_dataset_dir), "--json", str(report_file)]
+        [str(out / "export"), f"data.source={tiny_dataset_dir}", f"eval.json={report_file}"]
     )
     report = json.loads(report_file.read_text())
     assert code == 0 and set(report) == {"raw pixels", "pcl backbone"}

@@ -13,9 +13,14 @@ import sys
 import torch
 
 from pcl_scale.config import load_config
-from pcl_scale.model import BackboneSpec, PCLModel
-from pcl_scale.runtime import make_accelerator, set_deepspeed_batch, shutdown, zero_stage
-from pcl_scale.train import model_state
+from pcl_scale.core.model import BackboneSpec, PCLModel
+from pcl_scale.engine.runtime import (
+    make_accelerator,
+    model_state,
+    set_deepspeed_batch,
+    shutdown,
+    zero_stage,
+)
 
 
 def params_only(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

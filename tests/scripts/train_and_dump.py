@@ -13,9 +13,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-import pcl_scale.estep as estep
+import pcl_scale.distributed.estep as estep
 from pcl_scale.config import load_config
-from pcl_scale.train import train
+from pcl_scale.engine.loop import train
 
 CALLS = {"cluster_features": 0, "cluster_sharded": 0}
 

@@ -17,11 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from pcl_scale.checkpoint import CLUSTERS_FILE, find_latest
+from pcl_scale.artifacts import CLUSTERS_FILE, EMBEDDINGS_FILE, METRICS_FILE, find_latest
 from pcl_scale.errors import UserError
-
-METRICS_FILE = "metrics.jsonl"
-EMBEDDINGS_FILE = "embeddings.safetensors"
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:

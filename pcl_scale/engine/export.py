@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from pcl_scale import __version__
 from pcl_scale.config import Config, to_dict
-from pcl_scale.model import VITS, PCLModel
+from pcl_scale.core.model import VITS, PCLModel
 
 
 def library_recipe(cfg: Config) -> dict[str, Any]:
@@ -145,28 +145,3 @@ def push_to_hub(export_dir: Path, repo_id: str) -> None:
     api = HfApi()
     api.create_repo(repo_id, exist_ok=True)
     api.upload_folder(folder_path=str(export_dir), repo_id=repo_id)
-
-
-def load_exported_backbone(export_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a published backbone with plain torchvision/timm from its ``config.json``.
-
-    Returns:
-        The model in eval mode (pooled features out) and the export's config.
-    """
-    from safetensors.torch import load_file
-
-    config = json.loads((export_dir / "config.json").read_text())
-    if config["library"] == "timm":
-        import timm
-
-        model = timm.create_model(config["architecture"], **config["create_model_kwargs"])
-    else:
-        import torchvision
-
-        model = getattr(torchvision.models, config["architecture"])()
-        if config.get("small_stem"):
-            model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-            model.maxpool = nn.Identity()
-        model.fc = nn.Identity()
-    model.load_state_dict(load_file(str(export_dir / "model.safetensors")), strict=True)
-    return model.eval(), config

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 
 from pcl_scale.config import Config, ConfigError
+from pcl_scale.core.model import PCLModel
+from pcl_scale.distributed.comm import Comm
 
 
 def deepspeed_requested() -> bool:
@@ -210,3 +212,32 @@ def shutdown(accelerator: Any) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def unwrap(accelerator: Any, model: Any) -> PCLModel:
+    """The :class:`PCLModel` inside whatever DDP/DeepSpeed wrapped around it."""
+    inner = accelerator.unwrap_model(model)
+    assert isinstance(inner, PCLModel)
+    return inner
+
+
+def sync_buffers(model: PCLModel, comm: Comm) -> None:
+    """Rank 0's BatchNorm running statistics on every rank.
+
+    Training forwards use batch statistics; the E-step, evaluation and export read the running
+    ones, so they are made identical across ranks first. DDP broadcasts buffers only at the start
+    of its forward (each rank's key encoder then updates its own), and DeepSpeed never does.
+    """
+    comm.broadcast_buffers(model, src=0)
+
+
+def model_state(accelerator: Any, model: Any) -> dict[str, torch.Tensor]:
+    """The full model state on the main process (collective: call on every rank).
+
+    Under ZeRO-3 the partitioned weights are consolidated on the main process (other ranks get
+    an empty result); otherwise it is the local state dict, whose tensors alias the weights.
+    """
+    sync_buffers(unwrap(accelerator, model), Comm())
+    if zero_stage(accelerator) == 3:
+        return accelerator.get_state_dict(model) or {}
+    return unwrap(accelerator, model).state_dict()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pcl_scale.clusters import ClusterResult
+from pcl_scale.core.clusters import ClusterResult
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def protonce_logits(q: Tensor, scaled: Tensor, ids: Tensor) -> Tensor:
     Args:
         q: (B, D) normalised queries.
         scaled: (P, D) prototypes divided by their concentrations, c / phi
-            (:attr:`pcl_scale.clusters.PrototypeTable.scaled`).
+            (:attr:`pcl_scale.core.clusters.PrototypeTable.scaled`).
         ids: (M, B + r) rows of ``scaled`` per granularity: the positives of the local batch,
             then r negatives; the target of sample i at every granularity is column i.
 
@@ -80,55 +80,70 @@ def top1(logits: Tensor, target: Tensor) -> Tensor:
     return (logits.argmax(dim=1) == target).float().mean() * 100.0
 
 
-def pcl_loss(
-    q: Tensor,
-    k: Tensor,
-    queue: Tensor,
-    index: Tensor,
-    temperature: float,
-    clusters: ClusterResult | None,
-    r: int,
-    generator: torch.Generator,
-) -> LossOutput:
-    """InfoNCE + mean over granularities of ProtoNCE (InfoNCE only when ``clusters`` is None).
+@dataclass(frozen=True)
+class PCLLoss:
+    """InfoNCE + mean over granularities of ProtoNCE (InfoNCE only without clusters).
 
-    Args:
-        q: (B, D) normalised queries of the local batch (with gradient).
-        k: (B, D) normalised keys.
-        queue: (r_queue, D) negatives for the instance term.
-        index: (B,) dataset index of each sample.
+    Attributes:
         temperature: InfoNCE temperature T.
-        clusters: the E-step result, or None during warm-up.
-        r: number of negative prototypes per granularity.
-        generator: seeded generator for the negative draws.
+        r: negative prototypes per granularity.
     """
-    device_type = q.device.type
-    in_float32 = (
-        torch.autocast(device_type, enabled=False)  # logits in float32 under autocast too
-        if torch.is_autocast_enabled(device_type)
-        else contextlib.nullcontext()
-    )
-    with in_float32:
-        logits = infonce_logits(q, k, queue, temperature)
-        zeros = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        loss_inst = F.cross_entropy(logits, zeros)
-        acc_inst = top1(logits, zeros)
-        if clusters is None or len(clusters) == 0:
-            return LossOutput(loss=loss_inst, loss_inst=loss_inst, acc_inst=acc_inst)
 
+    temperature: float
+    r: int
+
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        queue: Tensor,
+        index: Tensor,
+        clusters: ClusterResult | None,
+        *,
+        generator: torch.Generator,
+    ) -> LossOutput:
+        """The loss of one local batch, in float32 whatever the autocast state.
+
+        Args:
+            q: (B, D) normalised queries of the local batch (with gradient).
+            k: (B, D) normalised keys.
+            queue: (r_queue, D) negatives for the instance term.
+            index: (B,) dataset index of each sample.
+            clusters: the E-step result, or None during warm-up.
+            generator: seeded generator for the negative draws.
+        """
+        device_type = q.device.type
+        in_float32 = (
+            torch.autocast(device_type, enabled=False)
+            if torch.is_autocast_enabled(device_type)
+            else contextlib.nullcontext()
+        )
+        with in_float32:
+            logits = infonce_logits(q, k, queue, self.temperature)
+            zeros = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+            loss_inst = F.cross_entropy(logits, zeros)
+            acc_inst = top1(logits, zeros)
+            if clusters is None or len(clusters) == 0:
+                return LossOutput(loss=loss_inst, loss_inst=loss_inst, acc_inst=acc_inst)
+            loss_proto, acc_proto = self.prototype_term(q, index, clusters, generator)
+            return LossOutput(
+                loss=loss_inst + loss_proto,
+                loss_inst=loss_inst,
+                acc_inst=acc_inst,
+                loss_proto=loss_proto,
+                acc_proto=acc_proto,
+            )
+
+    def prototype_term(
+        self, q: Tensor, index: Tensor, clusters: ClusterResult, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """ProtoNCE averaged over granularities, and its top-1 accuracy (float32 inputs)."""
         table = clusters.table
         pos = torch.stack([c.assignments[index] for c in clusters.clusterings]).long()  # (M, B)
-        neg = table.sampler(pos, r, generator)  # (M, r)
+        neg = table.sampler(pos, self.r, generator)  # (M, r)
         ids = torch.cat([pos, neg], dim=1) + table.offsets  # (M, B + r) rows of the table
         # row i * M + m: sample i at granularity m, whose positive is column i
-        proto_logits = protonce_logits(q, table.scaled, ids).flatten(0, 1)
+        proto_logits = protonce_logits(q, table.scaled, ids).flatten(0, 1)  # (B M, B + r)
         target = torch.arange(q.shape[0], device=q.device).repeat_interleave(len(clusters))
         # the mean over all B * M rows is the mean over granularities of each one's mean
-        loss_proto = F.cross_entropy(proto_logits, target)
-        return LossOutput(
-            loss=loss_inst + loss_proto,
-            loss_inst=loss_inst,
-            acc_inst=acc_inst,
-            loss_proto=loss_proto,
-            acc_proto=top1(proto_logits, target),
-        )
+        return F.cross_entropy(proto_logits, target), top1(proto_logits, target)

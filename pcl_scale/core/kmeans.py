@@ -38,8 +38,8 @@ Init = Literal["random", "kmeans++"]
 EmptyPolicy = Literal["reseed", "keep"]
 Reduce = Callable[[Tensor], Tensor]
 
-# Budget for one block of the N x K distance matrix: blocks of tens of MiB keep a CPU busy
-# (measured: 64 MiB within 5% of the best at K = 1,000 and 10,000); a GPU wants larger ones.
+# Budget for one block of the N x K distance matrix: blocks of tens of MiB keep a CPU's caches
+# busy (docs/benchmarks.md); a GPU wants larger ones, for fewer launches.
 CPU_CHUNK_BYTES = 64 * 2**20
 GPU_CHUNK_BYTES = 1024 * 2**20
 _SPLIT_EPS = 1.0 / 1024.0
@@ -64,6 +64,19 @@ class KMeansResult:
     @property
     def num_clusters(self) -> int:
         return int(self.centroids.shape[0])
+
+
+@dataclass(frozen=True)
+class KMeansOptions:
+    """The k-means hyperparameters of an E-step (see :func:`kmeans` for each field)."""
+
+    niter: int = 20
+    nredo: int = 1
+    spherical: bool = False
+    seed: int = 0
+    backend: Backend = "torch"
+    init: Init = "random"
+    empty: EmptyPolicy = "reseed"
 
 
 def faiss_available() -> bool:
@@ -161,13 +174,7 @@ def kmeans_sharded(
     n_total: int,
     k: int,
     all_reduce_sum: Reduce,
-    *,
-    niter: int = 20,
-    nredo: int = 1,
-    spherical: bool = False,
-    seed: int = 0,
-    init: Init = "random",
-    empty: EmptyPolicy = "reseed",
+    options: KMeansOptions = KMeansOptions(),
     chunk_bytes: int | None = None,
 ) -> KMeansResult:
     """k-means over rows spread across processes, without moving the rows.
@@ -186,6 +193,8 @@ def kmeans_sharded(
         n_total: N, rows over all processes.
         k: clusters.
         all_reduce_sum: sums a tensor over processes, returning the result (identity on one).
+        options: the hyperparameters; ``backend`` is ignored (always the torch backend).
+        chunk_bytes: as for :func:`kmeans`.
 
     Returns:
         A :class:`KMeansResult` whose ``assignments``/``distances`` cover the local rows and
@@ -193,24 +202,33 @@ def kmeans_sharded(
     """
     if chunk_bytes is None:
         chunk_bytes = default_chunk_bytes(x_local.device)
-    _check_args(x_local, n_total, k, niter, nredo, chunk_bytes)
+    _check_args(x_local, n_total, k, options.niter, options.nredo, chunk_bytes)
     x_local = x_local.detach().float()
     best: KMeansResult | None = None
-    for redo in range(nredo):
-        gen = torch.Generator(device="cpu").manual_seed(seed + redo)
-        if init == "random":
+    for redo in range(options.nredo):
+        gen = torch.Generator(device="cpu").manual_seed(options.seed + redo)
+        if options.init == "random":
             chosen = torch.randperm(n_total, generator=gen)[:k]
             centroids = fetch_rows(x_local, index_local, chosen, all_reduce_sum)
-        elif init == "kmeans++":  # D^2 sampling on a seeded sample gathered to every process
+        elif (
+            options.init == "kmeans++"
+        ):  # D^2 sampling on a seeded sample gathered to every process
             sample = torch.randperm(n_total, generator=gen)[: min(n_total, 8 * k)]
             rows = fetch_rows(x_local, index_local, sample, all_reduce_sum)
             centroids = kmeans_plusplus(rows, k, gen)
         else:
-            raise ValueError(f"unknown k-means init {init!r}: use 'random' or 'kmeans++'")
-        if spherical:
+            raise ValueError(f"unknown k-means init {options.init!r}: use 'random' or 'kmeans++'")
+        if options.spherical:
             centroids = F.normalize(centroids, dim=1)
         centroids = lloyd(
-            x_local, centroids, niter, spherical, empty, gen, chunk_bytes, reduce=all_reduce_sum
+            x_local,
+            centroids,
+            options.niter,
+            options.spherical,
+            options.empty,
+            gen,
+            chunk_bytes,
+            reduce=all_reduce_sum,
         )
         assignments, distances = assign(x_local, centroids, chunk_bytes)
         total = all_reduce_sum(distances.double().sum().reshape(1))
@@ -319,7 +337,7 @@ def assign(
     """Nearest centroid of every row of ``x``, in row chunks of at most ``chunk_bytes``.
 
     ||x - c||^2 = ||x||^2 + 2 * (||c||^2 / 2 - x . c); only the bracket is computed per chunk.
-    On CUDA with Triton the fused kernel of :mod:`pcl_scale.kmeans_triton` is used instead (no
+    On CUDA with Triton the fused kernel of :mod:`pcl_scale.core.kmeans_triton` is used instead (no
     (rows, K) block ever reaches memory; products of float16-rounded inputs, as precise as TF32).
 
     Args:
@@ -331,7 +349,7 @@ def assign(
         assignments (N,) int64 and squared distances (N,) float32.
     """
     if x.is_cuda and x.dtype == torch.float32 and fused_assign_available():
-        from pcl_scale.kmeans_triton import nearest_centroid
+        from pcl_scale.core.kmeans_triton import nearest_centroid
 
         return nearest_centroid(x, centroids)
     n, k = x.shape[0], centroids.shape[0]

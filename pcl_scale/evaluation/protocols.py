@@ -11,7 +11,6 @@ PCL prototypes' own assignments of the training split (from the newest checkpoin
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +18,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from pcl_scale.checkpoint import CLUSTERS_FILE, find_latest
-from pcl_scale.config import DataConfig
+from pcl_scale.artifacts import CLUSTERS_FILE, find_latest, load_exported_backbone
+from pcl_scale.config import DataConfig, EvalConfig
 from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
-from pcl_scale.distributed import Comm
+from pcl_scale.distributed.comm import Comm
+from pcl_scale.distributed.extract import ExtractOptions, extract_all
 from pcl_scale.errors import UserError
-from pcl_scale.estep import ExtractOptions, extract_all
-from pcl_scale.export import load_exported_backbone
-from pcl_scale.linear_probe import ReferenceSchedule, linear_probe, linear_reference
-from pcl_scale.lowshot import lowshot_svm
-from pcl_scale.metrics import clustering_scores, kmeans_scores, knn_scores
+from pcl_scale.evaluation.linear_probe import ReferenceSchedule, linear_probe, linear_reference
+from pcl_scale.evaluation.lowshot import lowshot_svm
+from pcl_scale.evaluation.metrics import clustering_scores, kmeans_scores, knn_scores
 
-PROTOCOLS = ("knn", "linear", "lowshot", "cluster")
-# run on request only: it trains through the images for linear_epochs epochs
-OPTIONAL_PROTOCOLS = ("linear_reference",)
 RAW, LEARNED = "raw pixels", "pcl backbone"
 
 
@@ -64,78 +59,92 @@ def prototype_assignments(run_dir: Path) -> list[np.ndarray]:
 def evaluate_export(
     export_dir: Path,
     data: DataConfig,
-    split: str,
-    eval_split: str,
-    protocols: Sequence[str] = PROTOCOLS,
+    options: EvalConfig,
     comm: Comm | None = None,
     device: torch.device | None = None,
-    batch_size: int = 256,
-    lowshot_ks: Sequence[int] = (1, 2, 4, 8, 16),
-    lowshot_runs: int = 5,
-    run_dir: Path | None = None,
-    seed: int = 0,
-    linear_schedule: ReferenceSchedule | None = None,
 ) -> dict[str, dict[str, Any]] | None:
     """Every requested protocol for the learned features and raw pixels (rank 0; None elsewhere).
 
-    Returns ``{encoder: {metric: value}}`` with flat metric names (``knn200_top1``,
-    ``linear_top1``, ``lowshot_k4_mean``, ``kmeans_nmi``, ...), plus a ``prototypes`` entry with
-    the prototypes' own scores when ``run_dir`` is given. A label column of equal-length lists
-    is read as multi-label (VOC) targets: low-shot mAP only.
+    The gallery/training split is ``data.split``, the queries ``data.eval_split``. Returns
+    ``{encoder: {metric: value}}`` with flat metric names (``knn200_top1``, ``linear_top1``,
+    ``lowshot_k4_mean``, ``kmeans_nmi``, ...), plus a ``prototypes`` entry with the prototypes'
+    own scores when ``options.run_dir`` is set. A label column of equal-length lists is read as
+    multi-label (VOC) targets: low-shot mAP only.
     """
-    unknown = sorted(set(protocols) - set(PROTOCOLS) - set(OPTIONAL_PROTOCOLS))
-    if unknown:
-        raise UserError(
-            f"unknown protocols {unknown}: choose from {list(PROTOCOLS + OPTIONAL_PROTOCOLS)}"
-        )
     comm = comm or Comm()
     device = device or torch.device("cpu")
     model, config = load_exported_backbone(export_dir)
     model.to(device)
     data = data_for_export(config, data)
-    splits = [load_split(data, split), load_split(data, eval_split)]
-    label_sets = [labels_of(ds, data) for ds in splits]
-    if label_sets[0] is None or label_sets[1] is None:
-        raise UserError(
-            f"evaluation needs labels: {data.label_column!r} is not a column of {data.source!r}"
-        )
-    labels = [lab for lab in label_sets if lab is not None]
+    splits = [load_split(data, data.split), load_split(data, data.eval_split)]
+    labels = split_labels(splits, data)
     views = [IndexedImages(ds, data.image_column, eval_transform(data)) for ds in splits]
-    opts = ExtractOptions(batch_size, 0, device)
+    opts = ExtractOptions(options.batch_size, data.num_workers, device)
     report: dict[str, dict[str, Any]] = {}
     for name, encoder in ((RAW, torch.nn.Flatten()), (LEARNED, model)):
         feats = [extract_all(encoder, v, comm, opts) for v in views]
         if comm.is_main:
             with comm.idle_host_threads():  # the other ranks wait for rank 0
                 ready = [f for f in feats if f is not None]
-                report[name] = score_features(
-                    ready, labels, protocols, lowshot_ks, lowshot_runs, seed
-                )
-                if "linear_reference" in protocols and labels[0].ndim == 1:
-                    augmented = IndexedImages(
-                        splits[0], data.image_column, linear_train_transform(data)
+                report[name] = score_features(ready, labels, options)
+                if "linear_reference" in options.protocols and labels[0].ndim == 1:
+                    report[name].update(
+                        reference_linear(
+                            encoder, splits[0], views[1], labels, data, options, device
+                        )
                     )
-                    res = linear_reference(
-                        encoder, augmented, labels[0], views[1], labels[1],
-                        linear_schedule or ReferenceSchedule(), device, seed,
-                    )  # fmt: skip
-                    report[name].update({f"linear_reference_{k}": v for k, v in res.items()})
         if name == RAW:  # the other ranks would otherwise start the next extraction
             comm.barrier()
     if not comm.is_main:
         return None
-    if run_dir is not None and labels[0].ndim == 1:
-        train_labels = labels[0].numpy()
-        report["prototypes"] = {}
-        for m, assign in enumerate(prototype_assignments(run_dir)):
-            if len(assign) != len(train_labels):
-                raise UserError(
-                    f"the run's cluster result covers {len(assign)} images but split {split!r} has "
-                    f"{len(train_labels)}: pass the split (and --max-samples) the run trained on"
-                )
-            for key, value in clustering_scores(train_labels, assign).items():
-                report["prototypes"][f"k{m}_{key}"] = value
+    if options.run_dir and labels[0].ndim == 1:
+        report["prototypes"] = prototype_scores(Path(options.run_dir), labels[0], data.split)
     return report
+
+
+def split_labels(splits: list[Any], data: DataConfig) -> list[torch.Tensor]:
+    """The labels of (gallery, queries); a clear error when the label column is missing."""
+    label_sets = [labels_of(ds, data) for ds in splits]
+    if label_sets[0] is None or label_sets[1] is None:
+        raise UserError(
+            f"evaluation needs labels: {data.label_column!r} is not a column of {data.source!r}"
+        )
+    return [lab for lab in label_sets if lab is not None]
+
+
+def reference_linear(
+    encoder: torch.nn.Module,
+    train_split: Any,
+    query_view: IndexedImages,
+    labels: list[torch.Tensor],
+    data: DataConfig,
+    options: EvalConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The reference's linear protocol: a classifier trained through augmented images."""
+    augmented = IndexedImages(train_split, data.image_column, linear_train_transform(data))
+    epochs = options.linear_epochs
+    schedule = ReferenceSchedule(
+        epochs=epochs, milestones=(round(0.6 * epochs), round(0.8 * epochs))
+    )
+    res = linear_reference(
+        encoder, augmented, labels[0], query_view, labels[1], schedule, device, options.seed
+    )
+    return {f"linear_reference_{k}": v for k, v in res.items()}
+
+
+def prototype_scores(run_dir: Path, train_labels: torch.Tensor, split: str) -> dict[str, float]:
+    """NMI/AMI/ARI/accuracy of the run's own prototype assignments, per granularity."""
+    scores = {}
+    for m, assign in enumerate(prototype_assignments(run_dir)):
+        if len(assign) != len(train_labels):
+            raise UserError(
+                f"the run's cluster result covers {len(assign)} images but split {split!r} has "
+                f"{len(train_labels)}: pass the split (and data.max_samples) the run trained on"
+            )
+        for key, value in clustering_scores(train_labels.numpy(), assign).items():
+            scores[f"k{m}_{key}"] = value
+    return scores
 
 
 def linear_train_transform(data: DataConfig) -> Any:
@@ -153,12 +162,7 @@ def linear_train_transform(data: DataConfig) -> Any:
 
 
 def score_features(
-    feats: list[torch.Tensor],
-    labels: list[torch.Tensor],
-    protocols: Sequence[str],
-    lowshot_ks: Sequence[int] = (1, 2, 4, 8, 16),
-    lowshot_runs: int = 5,
-    seed: int = 0,
+    feats: list[torch.Tensor], labels: list[torch.Tensor], options: EvalConfig
 ) -> dict[str, Any]:
     """Protocols on [gallery/train, query/test] features with their labels (one flat dict).
 
@@ -166,6 +170,8 @@ def score_features(
     0 difficult), for which only the low-shot protocol (mAP) applies; the others are listed as
     skipped.
     """
+    protocols: list[str] = list(options.protocols)
+    seed, lowshot_ks = options.seed, options.lowshot_ks
     (xtr, xte), (ytr, yte) = feats, labels
     row: dict[str, Any] = {}
     if ytr.ndim == 2:
@@ -185,7 +191,7 @@ def score_features(
         if len(ks) < len(lowshot_ks):
             row["lowshot_skipped_k"] = [k for k in lowshot_ks if k > fewest]
         for res in lowshot_svm(
-            xtr.numpy(), ytr.numpy(), xte.numpy(), yte.numpy(), ks, lowshot_runs, seed=seed
+            xtr.numpy(), ytr.numpy(), xte.numpy(), yte.numpy(), ks, options.lowshot_runs, seed=seed
         ):
             row[f"lowshot_k{res.k}_mean"], row[f"lowshot_k{res.k}_std"] = res.mean, res.std
     if "cluster" in protocols:
@@ -196,19 +202,3 @@ def score_features(
             }
         )
     return row
-
-
-def format_evaluation(report: dict[str, dict[str, Any]]) -> str:
-    """A markdown table: one row per metric, one column per encoder."""
-    names = list(report)
-    keys: list[str] = []
-    for row in report.values():
-        keys += [k for k in row if k not in keys]
-    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for key in keys:
-        cells = []
-        for name in names:
-            v = report[name].get(key, "")
-            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pcl_scale.kmeans import kmeans
+from pcl_scale.core.kmeans import kmeans
 
 
 def knn_class_scores(

@@ -1,6 +1,6 @@
 """Fused nearest-centroid search on CUDA (Triton): the product and the row minimum in one kernel.
 
-The portable path (:func:`pcl_scale.kmeans.assign`) writes every (rows, K) block of scores to
+The portable path (:func:`pcl_scale.core.kmeans.assign`) writes every (rows, K) block of scores to
 memory and reads it back for the minimum. At ImageNet scale (N = 1.28M, K = 100k) that is about a
 terabyte of traffic per Lloyd iteration, which bounds a GPU iteration by memory bandwidth rather
 than by the matrix product. Here each program holds a (BLOCK_N, D) tile of points, streams the
@@ -19,7 +19,7 @@ Precision of the product (``PRECISION``):
   half the bytes (K = 100k at D = 128: 26 MB, within an H100/H200's L2 cache).
 - ``"tf32"``: float32 inputs, TF32 products.
 
-Used automatically by :func:`pcl_scale.kmeans.assign` for float32 CUDA tensors when Triton is
+Used automatically by :func:`pcl_scale.core.kmeans.assign` for float32 CUDA tensors when Triton is
 installed (it ships with PyTorch's CUDA wheels). With ``TRITON_INTERPRET=1`` the same kernel runs
 on CPU tensors through Triton's interpreter (slow; for testing).
 """
@@ -33,15 +33,10 @@ from torch import Tensor
 
 PRECISION = "fp16"
 
-# Tile shape (BLOCK_N, BLOCK_K, warps, stages) per precision. For TF32, of (128, 64, 8, 3),
-# (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 4, 4) and (256, 64, 8, 2), Triton's autotuner
-# picked the last for K = 25k, 50k and 100k at N = 1.28M, D = 128 on an H200
-# (benchmarks/assign.py); it is fixed here: tuning on every start of a run cost 4 to 17 s per
-# granularity. For float16, `benchmarks/assign.py --tiles` on the same H200 (one assignment of
-# N = 1.28M, in ms, for K = 25k / 50k / 100k): (256, 64, 8, 2) 35.6 / 59.8 / 139.4,
-# (256, 64, 8, 3) 35.7 / 49.9 / 98.5, (256, 128, 8, 2) 49.0 / 47.6 / 95.6, (128, 128, 8, 3)
-# 40.5 / 53.1 / 102.5, (128, 64, 4, 4) 39.7 / 54.8 / 121.7: the one stage more is within 5% of
-# the best shape at every K.
+# Tile shape (BLOCK_N, BLOCK_K, warps, stages) per precision, fixed rather than autotuned (tuning
+# at every start of a run costs seconds per granularity). Chosen from the tile tables measured on
+# an H200 with `benchmarks/assign.py --tiles` (docs/benchmarks.md): within 5% of the best shape
+# at K = 25k, 50k and 100k.
 TILES: dict[str, tuple[int, int, int, int]] = {
     "fp16": (256, 64, 8, 3),
     "tf32": (256, 64, 8, 2),

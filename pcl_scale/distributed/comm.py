@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pcl_scale.kmeans import faiss_available
+from pcl_scale.core.kmeans import faiss_available
 
 
 def init_from_env() -> torch.device:
@@ -61,7 +61,7 @@ class Comm:
         """
         before = torch.get_num_threads()
         local = _local_world_size() if self.world_size > 1 else 1
-        threads = min(before * local, _usable_cpus())
+        threads = min(before * local, self.usable_cpus())
         if threads <= before:
             yield before
             return
@@ -76,6 +76,12 @@ class Comm:
             torch.set_num_threads(before)
             if faiss is not None:
                 faiss.omp_set_num_threads(faiss_before)
+
+    def usable_cpus(self) -> int:
+        """The CPUs this process may run on (its affinity mask where the OS has one)."""
+        if hasattr(os, "sched_getaffinity"):
+            return len(os.sched_getaffinity(0))
+        return os.cpu_count() or 1
 
     def barrier(self) -> None:
         if self.enabled:
@@ -146,9 +152,3 @@ def _local_world_size() -> int:
     """``LOCAL_WORLD_SIZE`` as the launcher set it; 1 (borrow nothing) if absent or not a count."""
     value = os.environ.get("LOCAL_WORLD_SIZE", "1")
     return max(int(value), 1) if value.strip().isdigit() else 1
-
-
-def _usable_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1

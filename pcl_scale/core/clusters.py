@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pcl_scale.concentration import concentration
-from pcl_scale.kmeans import Backend, EmptyPolicy, Init, kmeans
-from pcl_scale.negatives import NegativeSampler
+from pcl_scale.core.concentration import concentration
+from pcl_scale.core.kmeans import KMeansOptions, kmeans
+from pcl_scale.core.negatives import NegativeSampler
 
 
 @dataclass(frozen=True)
@@ -118,38 +119,23 @@ def cluster_features(
     features: Tensor,
     num_clusters: Sequence[int],
     temperature: float,
-    *,
-    niter: int = 20,
-    nredo: int = 1,
-    spherical: bool = False,
-    seed: int = 0,
-    backend: Backend = "torch",
-    init: Init = "random",
-    empty: EmptyPolicy = "reseed",
+    options: KMeansOptions = KMeansOptions(),  # noqa: B008 (frozen)
 ) -> ClusterResult:
     """Run k-means at every granularity and estimate phi, as the reference E-step does.
 
-    Granularity m uses seed ``seed + m``. Prototypes are the L2-normalised centroids; phi uses
-    distances to the un-normalised ones.
+    Granularity m uses seed ``options.seed + m``. Prototypes are the L2-normalised centroids;
+    phi uses distances to the un-normalised ones.
 
     Args:
         features: (N, D) embeddings addressed by dataset index (row i = sample i).
         num_clusters: K per granularity, e.g. (25000, 50000, 100000).
         temperature: target mean of phi.
+        options: the k-means hyperparameters.
     """
     clusterings = []
     for m, k in enumerate(num_clusters):
-        res = kmeans(
-            features,
-            k,
-            niter=niter,
-            nredo=nredo,
-            spherical=spherical,
-            seed=seed + m,
-            backend=backend,
-            init=init,
-            empty=empty,
-        )
+        granularity = dataclasses.replace(options, seed=options.seed + m)
+        res = kmeans(features, k, **dataclasses.asdict(granularity))
         phi = concentration(res.distances, res.assignments, k, temperature)
         clusterings.append(Clustering(F.normalize(res.centroids, dim=1), phi, res.assignments))
     return ClusterResult(tuple(clusterings))

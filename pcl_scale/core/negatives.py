@@ -1,15 +1,10 @@
 """Negative-prototype sampling for ProtoNCE, all granularities in one draw.
 
-For each granularity the reference draws r negative prototypes uniformly without replacement from
-the prototypes that are not the positive of any sample in the local batch (every id 0..K-1 is
-eligible, the last one included). Here every granularity m gets a row of independent uniform
-float64 keys, one per prototype id (rows padded to the largest K with +inf); the batch's
-positives are set to +inf, and the r smallest keys of each row are its negatives: a uniform
-r-subset of the eligible ids. One ``rand``, one ``scatter_`` and one ``topk`` serve all M
-granularities: no Python sets, no data-dependent shapes (the draw never makes the GPU wait for
-the host) and few enough kernels that the prototype term adds little host work to a step. The
-draw is reproducible from the generator's state. With 53-bit keys, two equal keys among 100,000
-occur about once per million draws, and matter only when they straddle the r-th place.
+Rule (the reference's): per granularity, r negatives uniformly without replacement from the
+prototypes that are no positive of the local batch. Each granularity gets a row of uniform float64
+keys, one per prototype id (padded to the largest K with +inf); the positives are set to +inf and
+the r smallest keys are the negatives. Why: one ``rand``, ``scatter_`` and ``topk`` for all M
+granularities, no Python sets and no data-dependent shapes, so the GPU never waits for the host.
 """
 
 from __future__ import annotations

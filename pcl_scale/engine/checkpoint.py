@@ -20,20 +20,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from pcl_scale.clusters import ClusterResult
-from pcl_scale.distributed import Comm
+from pcl_scale.artifacts import (
+    CLUSTERS_FILE,
+    PREFIX,
+    STATE_FILE,
+    TrainState,
+    checkpoint_root,
+    find_latest,
+    verify,
+)
+from pcl_scale.core.clusters import ClusterResult
+from pcl_scale.distributed.comm import Comm
 from pcl_scale.errors import UserError
-
-STATE_FILE = "trainer_state.json"
-CLUSTERS_FILE = "clusters.safetensors"
-PREFIX = "step_"
 
 
 @dataclass(frozen=True)
@@ -48,25 +52,6 @@ class Layout:
         return self.kind == other.kind and (
             self.kind == "ddp" or self.world_size == other.world_size
         )
-
-
-@dataclass
-class TrainState:
-    """Where training stands.
-
-    Attributes:
-        epoch: the epoch in progress (or the next one to run when ``step_in_epoch`` is 0).
-        global_step: optimizer steps taken so far.
-        step_in_epoch: optimizer steps already taken in ``epoch`` (a mid-epoch checkpoint).
-    """
-
-    epoch: int = 0
-    global_step: int = 0
-    step_in_epoch: int = 0
-
-
-def checkpoint_root(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
 
 
 def save_checkpoint(
@@ -114,36 +99,6 @@ def _write_json_durably(path: Path, payload: dict[str, Any]) -> None:
 def _prune(root: Path, keep: int) -> None:
     for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def verify(path: Path) -> tuple[TrainState | None, str]:
-    """The trainer state of a complete, undamaged checkpoint, or None and the reason."""
-    try:
-        raw = json.loads((path / STATE_FILE).read_text())
-        state = TrainState(
-            epoch=int(raw["epoch"]),
-            global_step=int(raw["global_step"]),
-            step_in_epoch=int(raw.get("step_in_epoch", 0)),
-        )
-        files = dict(raw["files"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return None, f"no readable {STATE_FILE} ({type(err).__name__})"
-    for name, size in files.items():
-        f = path / name
-        if not f.is_file() or f.stat().st_size != size:
-            actual = f.stat().st_size if f.is_file() else "missing"
-            return None, f"{name} has size {actual}, expected {size}"
-    return state, ""
-
-
-def find_latest(run_dir: Path) -> Path | None:
-    """Newest undamaged checkpoint under ``run_dir``; damaged ones are skipped with a warning."""
-    for path in sorted(checkpoint_root(run_dir).glob(f"{PREFIX}*"), reverse=True):
-        state, reason = verify(path)
-        if state is not None:
-            return path
-        warnings.warn(f"skipping damaged checkpoint {path}: {reason}", stacklevel=2)
-    return None
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:

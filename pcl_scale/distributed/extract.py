@@ -1,0 +1,120 @@
+"""Sharded feature extraction addressed by dataset index, with a coverage check.
+
+Each rank embeds the strided shard ``range(rank, N, world)`` of a deterministic view (no padding,
+so no duplicates); rows are assembled by dataset index, and every index must arrive exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from pcl_scale.distributed.comm import Comm
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How to run an encoder over a dataset: batch, workers, device, precision, progress."""
+
+    batch_size: int
+    num_workers: int
+    device: torch.device
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    progress: bool = False
+    desc: str = "E-step"
+    # The encoder's forward is itself a collective (ZeRO-3 gathers parameters per layer): every
+    # rank then runs the same number of forwards, and autograd's no_grad replaces inference
+    # mode, whose tensors ZeRO-3 cannot re-partition.
+    collective: bool = False
+
+
+def extract_shard(
+    embed: Callable[[Tensor], Tensor], dataset: Any, comm: Comm, opts: ExtractOptions
+) -> tuple[Tensor, Tensor]:
+    """Embed this rank's strided shard.
+
+    Args:
+        embed: maps a (B, 3, H, W) batch to (B, D) features (e.g. the momentum encoder).
+        dataset: yields ``(image tensor, dataset index)``.
+
+    Returns:
+        indices (n_local,) int64 and features (n_local, D) float32 on CPU.
+    """
+    shard = Subset(dataset, range(comm.rank, len(dataset), comm.world_size))
+    loader = DataLoader(shard, batch_size=opts.batch_size, num_workers=opts.num_workers)
+    indices, feats = [], []
+    grad_off = torch.no_grad() if opts.collective else torch.inference_mode()
+    with grad_off, opts.autocast():
+        for images, index in tqdm(loader, desc=opts.desc, disable=not opts.progress, leave=False):
+            feats.append(embed(images.to(opts.device, non_blocking=True)).float().cpu())
+            indices.append(index)
+        # the largest shard's batch count; shards differ by at most one sample
+        largest_shard = -(-len(dataset) // comm.world_size)
+        lockstep = -(-largest_shard // opts.batch_size)
+        extra = lockstep - len(feats) if opts.collective else 0
+        probe = None
+        for _ in range(max(extra, 0 if feats else 1)):  # keep in step; or learn D on an empty shard
+            probe = embed(dataset[0][0][None].to(opts.device))
+    if not feats:
+        assert probe is not None
+        return torch.empty(0, dtype=torch.long), torch.empty(0, probe.shape[1])
+    return torch.cat(indices).long(), torch.cat(feats)
+
+
+def extract_all(
+    embed: Callable[[Tensor], Tensor], dataset: Any, comm: Comm, opts: ExtractOptions
+) -> Tensor | None:
+    """(N, D) features of the whole dataset on rank 0 (None elsewhere): sharded extraction,
+    then :func:`gather_by_index`."""
+    indices, feats = extract_shard(embed, dataset, comm, opts)
+    return gather_by_index(indices, feats, len(dataset), comm)
+
+
+def gather_by_index(indices: Tensor, feats: Tensor, n: int, comm: Comm) -> Tensor | None:
+    """Assemble the (N, D) matrix on rank 0 by dataset index (None on other ranks).
+
+    Shards differ in size by at most one row; they are padded with index -1 for the collective
+    and the padding is dropped by index. Raises when any index is missing or repeated.
+    """
+    width = -(-n // comm.world_size)  # ceil
+    pad = width - indices.shape[0]
+    idx = torch.cat([indices, torch.full((pad,), -1, dtype=torch.long)])
+    val = torch.cat([feats, feats.new_zeros(pad, feats.shape[1])])
+    all_idx, all_val = comm.gather_to_main(idx), comm.gather_to_main(val)
+    if all_idx is None or all_val is None:
+        return None
+    flat_idx, flat_val = torch.cat(all_idx), torch.cat(all_val)
+    keep = flat_idx >= 0
+    flat_idx, flat_val = flat_idx[keep], flat_val[keep]
+    counts = torch.bincount(flat_idx, minlength=n)
+    if flat_idx.numel() != n or counts.numel() != n or not bool((counts == 1).all()):
+        missing = int((counts[:n] == 0).sum())
+        raise RuntimeError(
+            f"E-step coverage check failed: {flat_idx.numel()} features for N={n} samples, "
+            f"{missing} indices missing"
+        )
+    out = torch.empty(n, feats.shape[1], dtype=feats.dtype)
+    out[flat_idx] = flat_val
+    return out
+
+
+def all_gather_by_index(indices: Tensor, values: Tensor, n: int, comm: Comm) -> Tensor:
+    """(N,) values on every rank from the per-rank (index, value) pairs, coverage checked."""
+    width = -(-n // comm.world_size)
+    pad = width - indices.shape[0]
+    idx = comm.all_gather_cat(torch.cat([indices.cpu(), torch.full((pad,), -1, dtype=torch.long)]))
+    val = comm.all_gather_cat(torch.cat([values.cpu(), values.new_zeros(pad).cpu()]))
+    keep = idx >= 0
+    idx, val = idx[keep], val[keep]
+    if idx.numel() != n or not bool((torch.bincount(idx, minlength=n) == 1).all()):
+        raise RuntimeError(f"E-step coverage check failed: {idx.numel()} values for N={n} samples")
+    out = torch.empty(n, dtype=values.dtype)
+    out[idx] = val
+    return out

@@ -1,0 +1,340 @@
+"""The PCL training loop on Accelerate, as a list of named calls.
+
+:func:`train` builds a :class:`Run` once (:func:`setup`), then every epoch runs the E-step when
+one is due (:func:`maybe_estep`), the M-step iterations (:func:`~pcl_scale.engine.mstep.
+train_one_epoch`) and the epoch's bookkeeping (:func:`end_of_epoch`); :func:`finish` evaluates,
+exports and returns what the run measured.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from pcl_scale.artifacts import METRICS_FILE, TrainState
+from pcl_scale.config import (
+    Config,
+    local_batch_size,
+    save_config,
+    steps_per_epoch,
+    validate,
+    validate_for_data,
+)
+from pcl_scale.core.clusters import ClusterResult
+from pcl_scale.core.kmeans import KMeansOptions, faiss_available
+from pcl_scale.core.model import BackboneSpec, PCLModel
+from pcl_scale.data import IndexedImages, eval_transform, load_split, train_transform
+from pcl_scale.distributed.comm import Comm
+from pcl_scale.distributed.estep import ClusteringPlan, choose_mode, estep
+from pcl_scale.distributed.extract import ExtractOptions
+from pcl_scale.engine.checkpoint import Layout, load_checkpoint, resolve_resume, save_checkpoint
+from pcl_scale.engine.evaluate import evaluate, monitor_knn
+from pcl_scale.engine.export import export_backbone, push_to_hub
+from pcl_scale.engine.keys import fill_queue
+from pcl_scale.engine.loaders import drop_undecodable, make_loader
+from pcl_scale.engine.mstep import EpochContext, train_one_epoch
+from pcl_scale.engine.runtime import (
+    autocast_context,
+    describe_deepspeed,
+    distributed_kind,
+    make_accelerator,
+    model_state,
+    set_deepspeed_batch,
+    shutdown,
+    sync_buffers,
+    unwrap,
+    zero_stage,
+)
+from pcl_scale.engine.seeding import SeedStream, derive_seed, seed_everything
+from pcl_scale.engine.signals import StopRequest
+from pcl_scale.engine.tracking import JsonlLogger, flat_config
+from pcl_scale.evaluation.tables import flatten_evaluation
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns (and ``pcl-scale train`` prints)."""
+
+    run_dir: Path
+    epochs_run: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    clusters: ClusterResult | None = None
+    evaluation: dict[str, dict[str, float]] | None = None
+    export_dir: Path | None = None
+    interrupted: bool = False
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built once by :func:`setup`."""
+
+    cfg: Config
+    accelerator: Any
+    comm: Comm
+    stop: StopRequest
+    train_ds: Any
+    model: Any
+    optimizer: Any
+    layout: Layout
+    logger: JsonlLogger
+    extract: ExtractOptions
+    state: TrainState
+    clusters: ClusterResult | None
+    resumed: bool
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run.output_dir)
+
+    @property
+    def local_batch(self) -> int:
+        return local_batch_size(self.cfg, self.comm.world_size)
+
+    @property
+    def steps(self) -> int:
+        return steps_per_epoch(self.cfg, len(self.train_ds), self.comm.world_size)
+
+    def view(self, transform: Any) -> IndexedImages:
+        return IndexedImages(self.train_ds, self.cfg.data.image_column, transform)
+
+
+def train(cfg: Config) -> RunResult:
+    """Train PCL as configured; returns where the run wrote its outputs and what it measured."""
+    accelerator = make_accelerator(cfg)
+    try:
+        with StopRequest() as stop:
+            return run_epochs(setup(cfg, accelerator, stop))
+    finally:
+        shutdown(accelerator)
+
+
+def run_epochs(run: Run) -> RunResult:
+    """The epochs from where the run stands, then :func:`finish`."""
+    start_epoch = run.state.epoch
+    train_view = run.view(train_transform(run.cfg.data))
+    for epoch in range(start_epoch, run.cfg.optim.epochs):
+        run.clusters = maybe_estep(run, epoch)
+        if not train_one_epoch(epoch_context(run, epoch), loader(run, train_view, epoch),
+                               run.stop, run.run_dir):  # fmt: skip
+            return interrupted(run, epoch - start_epoch)
+        end_of_epoch(run, epoch)
+    return finish(run, start_epoch)
+
+
+def setup(cfg: Config, accelerator: Any, stop: StopRequest) -> Run:
+    """Check inputs, then build data, model, optimizer and logger, resuming when asked."""
+    comm = Comm()
+    validate(cfg, comm.world_size)
+    seed_everything(derive_seed(cfg.run.seed, SeedStream.SETUP, 0, 0, comm.rank))
+    train_ds = load_training_set(cfg, accelerator, comm)
+    validate_for_data(cfg, len(train_ds), comm.world_size)
+    run_dir = Path(cfg.run.output_dir)  # inputs are checked: only now is anything written
+    if comm.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    if cfg.run.trackers:
+        accelerator.init_trackers(run_dir.name, config=flat_config(cfg))
+    model, optimizer = prepare_model(cfg, accelerator, local_batch_size(cfg, comm.world_size))
+    layout = Layout(distributed_kind(accelerator), comm.world_size)
+    state, clusters, resumed = resume(cfg, accelerator, layout)
+    run = Run(
+        cfg, accelerator, comm, stop, train_ds, model, optimizer, layout,
+        JsonlLogger(run_dir / METRICS_FILE, accelerator, comm.is_main),
+        extract_options(cfg, accelerator, comm), state, clusters, resumed,
+    )  # fmt: skip
+    if not resumed and cfg.pcl.queue_init == "keys":
+        initial_queue(run)
+    return run
+
+
+def load_training_set(cfg: Config, accelerator: Any, comm: Comm) -> Any:
+    """The training split (built-in sources materialised once), undecodable images dropped."""
+    with accelerator.main_process_first():
+        train_ds = load_split(cfg.data)
+    if cfg.data.on_bad_image == "skip":
+        train_ds = drop_undecodable(train_ds, cfg, comm)
+    return train_ds
+
+
+def build_model(cfg: Config) -> PCLModel:
+    m = cfg.model
+    spec = BackboneSpec(m.backbone, m.small_stem, cfg.data.image_size, m.patch_size)
+    return PCLModel(spec, m.dim, m.head, cfg.pcl.queue_length, m.mlp_hidden_dim or None)  # type: ignore[arg-type]
+
+
+def prepare_model(cfg: Config, accelerator: Any, local_batch: int) -> tuple[Any, Any]:
+    """The model (same initial weights and queue on every rank) and SGD, prepared."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.run.seed, SeedStream.SETUP, 0, 0, 0))
+        model = build_model(cfg)
+    optimizer = torch.optim.SGD(
+        [p for p in model.encoder_q.parameters()],
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    set_deepspeed_batch(accelerator, local_batch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    deepspeed_settings = describe_deepspeed(accelerator)
+    if deepspeed_settings:
+        accelerator.print(f"DeepSpeed: {deepspeed_settings}")
+    return model, optimizer
+
+
+def resume(
+    cfg: Config, accelerator: Any, layout: Layout
+) -> tuple[TrainState, ClusterResult | None, bool]:
+    """The checkpoint ``run.resume`` names, restored in place; a fresh state otherwise."""
+    path = resolve_resume(cfg.run.resume, Path(cfg.run.output_dir))
+    if path is None:
+        return TrainState(), None, False
+    state, clusters = load_checkpoint(accelerator, path, layout)
+    clusters = clusters.to(accelerator.device) if clusters is not None else None
+    accelerator.print(f"resumed from {path} at epoch {state.epoch}")
+    return state, clusters, True
+
+
+def extract_options(cfg: Config, accelerator: Any, comm: Comm) -> ExtractOptions:
+    """How the E-step and evaluation run the encoders over a dataset."""
+    return ExtractOptions(
+        batch_size=cfg.estep.batch_size or 5 * local_batch_size(cfg, comm.world_size),
+        num_workers=cfg.data.num_workers,
+        device=accelerator.device,
+        autocast=autocast_context(accelerator, cfg),
+        progress=comm.is_main,
+        collective=zero_stage(accelerator) == 3,
+    )
+
+
+def initial_queue(run: Run) -> None:
+    """Fill the queue with keys of training images (``pcl.queue_init=keys``), timed in the log."""
+    t0 = time.perf_counter()
+    run.model.train()
+    key_view = run.view(train_transform(run.cfg.data).transform)
+    fill_queue(run.cfg, unwrap(run.accelerator, run.model), key_view, run.comm, run.local_batch,
+               autocast_context(run.accelerator, run.cfg))  # fmt: skip
+    run.logger.log({"event": "queue_fill", "seconds": time.perf_counter() - t0}, 0)
+
+
+def estep_due(run: Run) -> bool:
+    """After the warm-up, every epoch, except an epoch resumed mid-way with its E-step saved."""
+    resumed_mid_epoch = run.state.step_in_epoch > 0 and run.clusters is not None
+    return not resumed_mid_epoch
+
+
+def maybe_estep(run: Run, epoch: int) -> ClusterResult | None:
+    """This epoch's prototypes: None during warm-up, else a new (or the resumed) E-step result."""
+    if epoch < run.cfg.pcl.warmup_epochs:
+        return None
+    if not estep_due(run):
+        return run.clusters
+    cfg = run.cfg
+    inner = unwrap(run.accelerator, run.model)
+    sync_buffers(inner, run.comm)
+    inner.eval()
+    eval_view = run.view(eval_transform(cfg.data))
+    report = estep(inner.embed, eval_view, run.comm, run.extract, clustering_plan(run))
+    inner.train()
+    run.logger.log({"event": "estep", "epoch": epoch, **report.record}, run.state.global_step)
+    return report.clusters.to(run.accelerator.device)
+
+
+def clustering_plan(run: Run) -> ClusteringPlan:
+    """The E-step's settings from the config, with ``estep.mode=auto`` resolved."""
+    e = run.cfg.estep
+    mode = choose_mode(
+        e.mode,
+        len(run.train_ds),
+        run.cfg.model.dim,
+        run.comm.world_size,
+        e.backend != "torch" and faiss_available(),
+        int(e.gather_max_gib * 2**30),
+    )
+    kmeans = KMeansOptions(
+        niter=e.niter,
+        nredo=e.nredo,
+        spherical=e.spherical,
+        seed=e.seed,
+        backend=e.backend,  # type: ignore[arg-type]
+        init=e.init,  # type: ignore[arg-type]
+    )
+    return ClusteringPlan(tuple(run.cfg.pcl.num_clusters), run.cfg.pcl.temperature, kmeans, mode)
+
+
+def epoch_context(run: Run, epoch: int) -> EpochContext:
+    return EpochContext(
+        run.cfg, run.accelerator, run.model, run.optimizer, run.clusters, run.comm,
+        run.logger, run.state, epoch, run.steps, run.layout,
+    )  # fmt: skip
+
+
+def loader(run: Run, view: IndexedImages, epoch: int) -> DataLoader:
+    """This epoch's loader; a mid-epoch resume skips the micro-batches already trained on."""
+    skip = run.state.step_in_epoch * run.cfg.optim.grad_accum
+    return make_loader(run.cfg, view, run.comm, run.local_batch, epoch, skip=skip)
+
+
+def end_of_epoch(run: Run, epoch: int) -> None:
+    """Advance the state; the kNN monitor, checkpoint and export on their cadences."""
+    cfg, state = run.cfg, run.state
+    state.epoch, state.step_in_epoch = epoch + 1, 0
+    if cfg.run.knn_every and state.epoch % cfg.run.knn_every == 0:
+        knn = monitor_knn(cfg, run.accelerator, run.model, run.comm, run.extract, run.train_ds)
+        if knn is not None:
+            run.logger.log({"event": "knn", "epoch": epoch, **knn}, step=state.global_step)
+    last = state.epoch == cfg.optim.epochs
+    if last or state.epoch % cfg.run.checkpoint_every == 0:
+        save_checkpoint(run.accelerator, run.run_dir, state, run.clusters,
+                        cfg.run.keep_checkpoints, run.comm, run.layout)  # fmt: skip
+    if cfg.run.export_every and state.epoch % cfg.run.export_every == 0 and not last:
+        weights = model_state(run.accelerator, run.model)
+        if run.comm.is_main:
+            export_backbone(weights, cfg, run.run_dir / f"export_epoch_{state.epoch:04d}")
+        run.comm.barrier()
+
+
+def interrupted(run: Run, epochs_run: int) -> RunResult:
+    """A run stopped by SIGTERM/SIGINT: its checkpoint is saved; say how to resume."""
+    run.accelerator.print(
+        f"stopped by signal {run.stop.signal} at step {run.state.global_step}; resume with "
+        f"run.resume=auto (run directory {run.run_dir})"
+    )
+    return RunResult(run.run_dir, epochs_run, run.logger.records, run.clusters, interrupted=True)
+
+
+def finish(run: Run, start_epoch: int) -> RunResult:
+    """The final evaluation, the published export (and its upload), the result."""
+    cfg, comm = run.cfg, run.comm
+    evaluation = None
+    if cfg.run.evaluate and cfg.data.label_column:
+        evaluation = evaluate(cfg, run.accelerator, run.model, comm, run.extract, run.train_ds)
+        if evaluation is not None:
+            record = {"event": "evaluation", **flatten_evaluation(evaluation)}
+            run.logger.log(record, step=run.state.global_step)
+    export_dir = None
+    weights = model_state(run.accelerator, run.model)
+    if comm.is_main:
+        export_dir = export_backbone(
+            weights, cfg, run.run_dir / "export", flatten_evaluation(evaluation)
+        )
+        if cfg.run.hub_repo_id:
+            push_to_hub(export_dir, cfg.run.hub_repo_id)
+    comm.barrier()
+    if cfg.run.trackers:
+        run.accelerator.end_training()
+    return RunResult(
+        run_dir=run.run_dir,
+        epochs_run=cfg.optim.epochs - start_epoch,
+        history=run.logger.records,
+        clusters=run.clusters,
+        evaluation=evaluation,
+        export_dir=export_dir,
+    )
+
+
+__all__ = ["RunResult", "train"]

@@ -1,0 +1,41 @@
+"""Seeds for every random choice of a run, derived from (run seed, stream, epoch, step, rank).
+
+Each purpose draws from its own stream, so adding draws to one never shifts another, and a resumed
+run recomputes exactly the seeds it would have used.
+"""
+
+from __future__ import annotations
+
+import random
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+
+class SeedStream(IntEnum):
+    """What a derived seed is for (the values are part of every run's reproducibility)."""
+
+    SETUP = 0  # global RNGs per rank; the initial weights and queue (rank 0's seed everywhere)
+    AUGMENT = 1  # an epoch's augmentations in the main process (data.num_workers=0)
+    LOADER = 2  # an epoch's DataLoader generator (worker seeds)
+    STEP = 3  # a micro-batch's key shuffle and negative-prototype draw
+    QUEUE_FILL = 4  # the images, workers and shuffles of the initial queue fill
+
+
+def derive_seed(seed: int, stream: SeedStream, *parts: int) -> int:
+    """A 63-bit seed from (seed, stream, epoch, step, rank, ...): stable across runs and hosts."""
+    return mix_seed(seed, int(stream), *parts)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (each taken modulo 2^32), e.g. a step seed and a rank."""
+    words = [p & 0xFFFFFFFF for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global RNGs (the augmentations draw from them)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
