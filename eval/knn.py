@@ -20,7 +20,7 @@ import torch
 
 from pcl_scale.artifacts import load_exported_backbone
 from pcl_scale.cli import EVAL_DEFAULTS
-from pcl_scale.config import DataConfig, describe_options, load_config, validate_eval
+from pcl_scale.config import DataConfig, describe_options, load_config
 from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
 from pcl_scale.distributed.comm import Comm
 from pcl_scale.distributed.extract import ExtractOptions, extract_all
@@ -28,6 +28,7 @@ from pcl_scale.errors import UserError
 from pcl_scale.evaluation.metrics import representation_scores
 from pcl_scale.evaluation.protocols import data_for_export
 from pcl_scale.evaluation.tables import format_report
+from pcl_scale.validation import validate_eval
 
 
 def evaluate_export(

@@ -63,7 +63,8 @@ EVAL_DEFAULTS = ["data.eval_split=test"]  # pcl-scale eval scores a held-out spl
 
 
 def eval_main(argv: Sequence[str]) -> int:
-    from pcl_scale.config import describe_options, load_config, validate_eval
+    from pcl_scale.config import describe_options, load_config
+    from pcl_scale.validation import validate_eval
 
     parser = argparse.ArgumentParser(
         prog="pcl-scale eval",
@@ -80,7 +81,7 @@ def eval_main(argv: Sequence[str]) -> int:
     parser.add_argument("export_dir", type=Path)
     parser.add_argument("--config", help="YAML with data/eval sections (e.g. RUN_DIR/config.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.source=digits")
-    args, unknown = parser.parse_known_args(list(argv))
+    args, unknown = parser.parse_known_intermixed_args(list(argv))
     if unknown:
         raise UserError(
             f"unknown option {unknown[0]}: pcl-scale eval takes section.key=value overrides "

@@ -2,13 +2,13 @@
 
 ``load_config(path, ["optim.lr=0.1", ...])`` merges, in order, the defaults below, the YAML recipe
 and the overrides, with OmegaConf checking every key and type (an unknown key is an error that
-names the closest valid one). :func:`validate` then checks values once, before anything runs.
+names the closest valid one). :func:`pcl_scale.validation.validate` then checks values once,
+before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,102 +348,6 @@ def _fmt(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-_CHOICES = {
-    ("data", "aug"): ("aug", "aug_plus"),
-    ("data", "on_bad_image"): ("fail", "skip"),
-    ("model", "head"): ("linear", "mlp"),
-    ("pcl", "queue_init"): ("keys", "random"),
-    ("estep", "backend"): ("auto", "torch", "faiss"),
-    ("estep", "mode"): ("auto", "gather", "sharded"),
-    ("estep", "init"): ("random", "kmeans++"),
-    ("optim", "schedule"): ("step", "cosine"),
-    ("run", "mixed_precision"): ("no", "bf16", "fp16"),
-}
-
-
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Check values once; raise :class:`ConfigError` naming the bad value and the fix."""
-    from pcl_scale.core.model import RESNETS, VITS
-
-    for (section, key), choices in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(choices)}")
-    if cfg.model.backbone not in (*RESNETS, *VITS):
-        raise ConfigError(
-            f"model.backbone={cfg.model.backbone!r} is unknown: choose one of "
-            f"{', '.join((*RESNETS, *VITS))}"
-        )
-    positive = {
-        "data.image_size": cfg.data.image_size,
-        "model.dim": cfg.model.dim,
-        "pcl.r": cfg.pcl.r,
-        "optim.epochs": cfg.optim.epochs,
-        "optim.batch_size": cfg.optim.batch_size,
-        "optim.grad_accum": cfg.optim.grad_accum,
-        "estep.nredo": cfg.estep.nredo,
-        "run.checkpoint_every": cfg.run.checkpoint_every,
-        "run.keep_checkpoints": cfg.run.keep_checkpoints,
-        "run.log_every": cfg.run.log_every,
-        "pcl.temperature": cfg.pcl.temperature,
-        "optim.lr": cfg.optim.lr,
-    }
-    for name, value in positive.items():
-        if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
-            raise ConfigError(f"{name}={value} must be a positive number")
-    non_negative = {
-        "data.max_samples": cfg.data.max_samples,
-        "data.num_workers": cfg.data.num_workers,
-        "pcl.warmup_epochs": cfg.pcl.warmup_epochs,
-        "estep.niter": cfg.estep.niter,
-        "estep.batch_size": cfg.estep.batch_size,
-        "optim.weight_decay": cfg.optim.weight_decay,
-        "run.export_every": cfg.run.export_every,
-        "run.max_steps_per_epoch": cfg.run.max_steps_per_epoch,
-        "pcl.queue_size": cfg.pcl.queue_size,
-        "run.checkpoint_every_steps": cfg.run.checkpoint_every_steps,
-        "run.knn_every": cfg.run.knn_every,
-    }
-    for name, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{name}={value} must be >= 0")
-    if not 0.0 <= cfg.pcl.momentum <= 1.0:
-        raise ConfigError(f"pcl.momentum={cfg.pcl.momentum} must be in [0, 1]")
-    if not 0.0 < cfg.data.crop_min_scale <= 1.0:
-        raise ConfigError(f"data.crop_min_scale={cfg.data.crop_min_scale} must be in (0, 1]")
-    for key in ("rotate_degrees", "shear_degrees"):
-        value = getattr(cfg.data, key)
-        if not 0.0 <= value < 90.0:
-            raise ConfigError(f"data.{key}={value} must be in [0, 90): a range of +-{key}")
-    if not cfg.pcl.num_clusters or min(cfg.pcl.num_clusters) < 2:
-        raise ConfigError(
-            f"pcl.num_clusters={cfg.pcl.num_clusters} needs at least one granularity with K >= 2"
-        )
-    if cfg.model.backbone in VITS and cfg.data.image_size % cfg.model.patch_size:
-        raise ConfigError(
-            f"data.image_size={cfg.data.image_size} is not a multiple of "
-            f"model.patch_size={cfg.model.patch_size}: change one of them"
-        )
-    per_step = world_size * cfg.optim.grad_accum
-    if cfg.optim.batch_size % per_step:
-        raise ConfigError(
-            f"optim.batch_size={cfg.optim.batch_size} is not divisible by processes x "
-            f"grad_accum = {world_size} x {cfg.optim.grad_accum}: choose a multiple of {per_step}"
-        )
-    local_batch = cfg.optim.batch_size // per_step
-    smallest = min(cfg.pcl.num_clusters)
-    if smallest < cfg.pcl.r + local_batch:
-        raise ConfigError(
-            f"pcl.r={cfg.pcl.r} negative prototypes need every K >= r + batch per process "
-            f"({cfg.pcl.r} + {local_batch}), but the smallest of pcl.num_clusters is K={smallest}:"
-            f" lower pcl.r to at most {smallest - local_batch} or raise the cluster counts"
-        )
-    if len(mp := cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
-        raise ConfigError(f"data.mean={mp} and data.std={cfg.data.std} need 3 values, std > 0")
-    if cfg.run.trackers and not set(cfg.run.trackers) <= {"tensorboard", "wandb"}:
-        raise ConfigError(f"run.trackers={cfg.run.trackers}: supported are tensorboard, wandb")
-
-
 def local_batch_size(cfg: Config, world_size: int) -> int:
     """Samples per micro-batch on each process: the global batch over processes and accumulation."""
     return cfg.optim.batch_size // (world_size * cfg.optim.grad_accum)
@@ -454,40 +358,3 @@ def steps_per_epoch(cfg: Config, n: int, world_size: int) -> int:
     local = local_batch_size(cfg, world_size)
     steps = (n // world_size) // local // cfg.optim.grad_accum  # DistributedSampler drop_last
     return min(steps, cfg.run.max_steps_per_epoch) if cfg.run.max_steps_per_epoch else steps
-
-
-def validate_for_data(cfg: Config, n: int, world_size: int) -> None:
-    """The checks that need the training set's size ``n`` (after :func:`validate`)."""
-    if max(cfg.pcl.num_clusters) > n:
-        raise ConfigError(
-            f"pcl.num_clusters={cfg.pcl.num_clusters} asks for more clusters than the {n} "
-            f"training samples: every K must be at most {n}"
-        )
-    if steps_per_epoch(cfg, n, world_size) == 0:
-        raise ConfigError(
-            f"optim.batch_size={cfg.optim.batch_size} x optim.grad_accum={cfg.optim.grad_accum} "
-            f"needs more than the {n} training samples for one optimizer step: lower them"
-        )
-
-
-def validate_eval(cfg: Config) -> None:
-    """Check the options ``pcl-scale eval`` reads: the data section and the eval section."""
-    e = cfg.eval
-    unknown = sorted(set(e.protocols) - set(EVAL_PROTOCOLS) - set(OPTIONAL_EVAL_PROTOCOLS))
-    if unknown or not e.protocols:
-        raise ConfigError(
-            f"eval.protocols={e.protocols}: unknown protocols {unknown}; choose from "
-            f"{list(EVAL_PROTOCOLS + OPTIONAL_EVAL_PROTOCOLS)}"
-        )
-    for name, value in {"eval.batch_size": e.batch_size, "eval.lowshot_runs": e.lowshot_runs,
-                        "eval.linear_epochs": e.linear_epochs}.items():  # fmt: skip
-        if value <= 0:
-            raise ConfigError(f"{name}={value} must be a positive number")
-    if not e.lowshot_ks or min(e.lowshot_ks) <= 0:
-        raise ConfigError(f"eval.lowshot_ks={e.lowshot_ks} must be positive counts, e.g. [1,2,4]")
-    for name, value in {"data.max_samples": cfg.data.max_samples,
-                        "data.num_workers": cfg.data.num_workers}.items():  # fmt: skip
-        if value < 0:
-            raise ConfigError(f"{name}={value} must be >= 0")
-    if not cfg.data.eval_split:
-        raise ConfigError("data.eval_split='' : pcl-scale eval needs a query split, e.g. test")

@@ -1,8 +1,9 @@
 import pytest
 
 from pcl_scale.cli import main
-from pcl_scale.config import Config, ConfigError, describe_options, load_config, validate
+from pcl_scale.config import Config, ConfigError, describe_options, load_config
 from pcl_scale.core.schedules import learning_rate
+from pcl_scale.validation import validate
 
 from .conftest import ROOT
 

@@ -178,3 +178,25 @@ def test_multilabel_targets_get_lowshot_map(tiny_run, tmp_path):
     for name in ("raw pixels", "pcl backbone"):
         assert report[name]["skipped_for_multilabel"] == ["knn"]
         assert 0.0 <= report[name]["lowshot_k2_mean"] <= 100.0  # mAP (%)
+
+
+def test_eval_reads_the_runs_own_config(tiny_run, module_tiny_dataset_dir, tmp_path):
+    """`--config RUN_DIR/config.yaml` gives the data settings of the run: the same report."""
+    direct, from_run = tmp_path / "direct.json", tmp_path / "from_run.json"
+    common = ["data.num_workers=0", "eval.protocols=[knn,cluster]"]
+    args = ["eval", str(tiny_run / "export"), f"data.source={module_tiny_dataset_dir}", *common]
+    assert main([*args, f"eval.json={direct}"]) == 0
+    config = str(tiny_run / "config.yaml")  # the tiny recipe has no eval split: name one
+    args = ["eval", str(tiny_run / "export"), "--config", config, "data.eval_split=test", *common]
+    assert main([*args, f"eval.json={from_run}"]) == 0
+    assert json.loads(from_run.read_text()) == json.loads(direct.read_text())
+
+
+def test_eval_help_lists_the_data_and_eval_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "eval.protocols=[knn,linear,lowshot,cluster]" in out
+    assert "data.eval_split=test" in out and "data.source=digits" in out
+    assert "optim.lr" not in out  # training options are not eval's

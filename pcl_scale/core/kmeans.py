@@ -23,15 +23,15 @@ run where the per-cluster sums and counts are all-reduced.
 from __future__ import annotations
 
 import importlib.util
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from pcl_scale.core.kmeans_faiss import faiss_available, faiss_lloyd_and_assign
 
 Backend = Literal["auto", "torch", "faiss"]
 Init = Literal["random", "kmeans++"]
@@ -77,15 +77,6 @@ class KMeansOptions:
     backend: Backend = "torch"
     init: Init = "random"
     empty: EmptyPolicy = "reseed"
-
-
-def faiss_available() -> bool:
-    """True when the ``faiss`` module (faiss-cpu or faiss-gpu) imports."""
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def kmeans(
@@ -150,13 +141,13 @@ def kmeans(
         train = _training_sample(x, k, max_points_per_centroid, gen)
         centroids = _initial_centroids(train, k, init, spherical, gen)
         if backend == "faiss":
-            result = _faiss_lloyd_and_assign(x, train, centroids, niter, spherical)
+            centroids, assignments, distances = faiss_lloyd_and_assign(
+                x, train, centroids, niter, spherical
+            )
         else:
             centroids = lloyd(train, centroids, niter, spherical, empty, gen, chunk_bytes)
             assignments, distances = assign(x, centroids, chunk_bytes)
-            result = KMeansResult(
-                centroids, assignments, distances, float(distances.double().sum())
-            )
+        result = KMeansResult(centroids, assignments, distances, float(distances.double().sum()))
         if best is None or result.objective < best.objective:
             best = result
     assert best is not None
@@ -445,59 +436,3 @@ def _split_large_clusters(centroids: Tensor, counts: Tensor, gen: torch.Generato
     out[empty_ids] = donor_centroids * (1.0 + _SPLIT_EPS * signs)
     out[donors] = donor_centroids * (1.0 - _SPLIT_EPS * signs)
     return out
-
-
-def _import_faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as err:
-        raise ImportError(
-            "k-means backend 'faiss' needs the faiss module: pip install 'pcl-scale[faiss]' "
-            "(CPU) or 'pcl-scale[gpu]' (CUDA), or use backend='torch'"
-        ) from err
-    return faiss
-
-
-def _faiss_lloyd_and_assign(
-    x: Tensor, train: Tensor, init_centroids: Tensor, niter: int, spherical: bool
-) -> KMeansResult:
-    """Lloyd iterations and the final assignment with faiss (all visible GPUs when it can)."""
-    faiss = _import_faiss()
-    xs = np.ascontiguousarray(x.cpu().numpy())
-    ts = xs if train is x else np.ascontiguousarray(train.cpu().numpy())
-    k, d = init_centroids.shape
-    params = faiss.ClusteringParameters()
-    params.niter = niter
-    params.nredo = 1
-    params.spherical = spherical
-    params.verbose = False
-    params.min_points_per_centroid = 1
-    params.max_points_per_centroid = max(1, math.ceil(ts.shape[0] / k))  # no faiss subsampling
-    clus = faiss.Clustering(d, k, params)
-    init = np.ascontiguousarray(init_centroids.cpu().numpy().reshape(-1))
-    faiss.copy_array_to_vector(init, clus.centroids)
-    use_gpu = _faiss_use_gpu(faiss)
-    train_index = faiss.IndexFlatIP(d) if spherical else faiss.IndexFlatL2(d)
-    if use_gpu:
-        train_index = faiss.index_cpu_to_all_gpus(train_index)
-    if niter > 0:
-        clus.train(ts, train_index)
-    centroids = faiss.vector_to_array(clus.centroids).reshape(k, d).astype(np.float32)
-
-    search_index = faiss.IndexFlatL2(d)
-    if use_gpu:
-        search_index = faiss.index_cpu_to_all_gpus(search_index)
-    search_index.add(centroids)
-    dist, idx = search_index.search(xs, 1)
-    distances = torch.from_numpy(np.ascontiguousarray(dist[:, 0])).clamp_min(0.0).to(x.device)
-    return KMeansResult(
-        centroids=torch.from_numpy(centroids).to(x.device),
-        assignments=torch.from_numpy(idx[:, 0].astype(np.int64)).to(x.device),
-        distances=distances,
-        objective=float(distances.double().sum()),
-    )
-
-
-def _faiss_use_gpu(faiss_module: object) -> bool:
-    get_num_gpus = getattr(faiss_module, "get_num_gpus", None)
-    return bool(get_num_gpus is not None and get_num_gpus() > 0 and torch.cuda.is_available())

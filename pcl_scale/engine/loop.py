@@ -1,9 +1,9 @@
 """The PCL training loop on Accelerate, as a list of named calls.
 
 :func:`train` builds a :class:`Run` once (:func:`setup`), then every epoch runs the E-step when
-one is due (:func:`maybe_estep`), the M-step iterations (:func:`~pcl_scale.engine.mstep.
-train_one_epoch`) and the epoch's bookkeeping (:func:`end_of_epoch`); :func:`finish` evaluates,
-exports and returns what the run measured.
+one is due (:func:`maybe_estep`), the M-step iterations (``mstep.train_one_epoch``) and the
+epoch's bookkeeping (:func:`end_of_epoch`); :func:`finish` evaluates, exports and returns what
+the run measured.
 """
 
 from __future__ import annotations
@@ -17,14 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pcl_scale.artifacts import METRICS_FILE, TrainState
-from pcl_scale.config import (
-    Config,
-    local_batch_size,
-    save_config,
-    steps_per_epoch,
-    validate,
-    validate_for_data,
-)
+from pcl_scale.config import Config, local_batch_size, save_config, steps_per_epoch
 from pcl_scale.core.clusters import ClusterResult
 from pcl_scale.core.kmeans import KMeansOptions, faiss_available
 from pcl_scale.core.model import BackboneSpec, PCLModel
@@ -54,6 +47,7 @@ from pcl_scale.engine.seeding import SeedStream, derive_seed, seed_everything
 from pcl_scale.engine.signals import StopRequest
 from pcl_scale.engine.tracking import JsonlLogger, flat_config
 from pcl_scale.evaluation.tables import flatten_evaluation
+from pcl_scale.validation import validate, validate_for_data
 
 
 @dataclass
@@ -119,8 +113,8 @@ def run_epochs(run: Run) -> RunResult:
     train_view = run.view(train_transform(run.cfg.data))
     for epoch in range(start_epoch, run.cfg.optim.epochs):
         run.clusters = maybe_estep(run, epoch)
-        if not train_one_epoch(epoch_context(run, epoch), loader(run, train_view, epoch),
-                               run.stop, run.run_dir):  # fmt: skip
+        ctx, batches = epoch_context(run, epoch), loader(run, train_view, epoch)
+        if not train_one_epoch(ctx, batches, run.stop, run.run_dir):  # stopped by a signal
             return interrupted(run, epoch - start_epoch)
         end_of_epoch(run, epoch)
     return finish(run, start_epoch)
