@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 import pcl_scale.core.kmeans as kmeans_module
 from pcl_scale.core.concentration import concentration
-from pcl_scale.core.kmeans import Backend, KMeansOptions, faiss_available, kmeans
+from pcl_scale.core.kmeans import Backend, KMeansOptions, faiss_available, granularity_seed, kmeans
 from pcl_scale.core.model import BackboneSpec, PCLModel
 from pcl_scale.distributed.comm import Comm
 from pcl_scale.distributed.estep import ClusteringPlan, cluster_sharded
@@ -126,7 +126,8 @@ def clustering(
             full = full.to(device)
             with comm.idle_host_threads() if borrow else contextlib.nullcontext():
                 for m, k in enumerate(args.ks):
-                    res = kmeans(full, k, backend=backend, **{**kw, "seed": m})
+                    seed = granularity_seed(0, m)  # as the E-step seeds granularity m
+                    res = kmeans(full, k, backend=backend, **{**kw, "seed": seed})
                     sync(device)
                     t1 = time.perf_counter()
                     concentration(res.distances, res.assignments, k, 0.2)

@@ -158,7 +158,10 @@ class EStepConfig:
     nredo: int = field(default=5, metadata=_help("k-means restarts (the best is kept)"))
     spherical: bool = field(default=False, metadata=_help("re-normalise centroids each iteration"))
     init: str = field(default="random", metadata=_help("'random' or 'kmeans++'"))
-    seed: int = field(default=0, metadata=_help("k-means seed of granularity 0 (m uses seed + m)"))
+    seed: int = field(
+        default=0,
+        metadata=_help("k-means seed; every (granularity, restart) gets its own seed from it"),
+    )
 
 
 @dataclass

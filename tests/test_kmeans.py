@@ -4,9 +4,21 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import normalized_mutual_info_score as nmi
 
-from pcl_scale.core.kmeans import _update_centroids, assign, kmeans
+import pcl_scale.core.kmeans as kmeans_module
+from pcl_scale.core.clusters import cluster_features
+from pcl_scale.core.kmeans import (
+    KMeansOptions,
+    _update_centroids,
+    assign,
+    faiss_available,
+    kmeans,
+    restart_seed,
+)
+from pcl_scale.distributed.comm import Comm
+from pcl_scale.distributed.estep import ClusteringPlan, cluster_sharded
 
-faiss = pytest.importorskip("faiss")
+needs_faiss = pytest.mark.skipif(not faiss_available(), reason="needs faiss (faiss-cpu)")
+BACKENDS = ["torch", pytest.param("faiss", marks=needs_faiss)]
 
 
 def blobs(n=3000, k=12, d=16, spread=0.02, seed=0):
@@ -24,7 +36,7 @@ def matched_centroid_error(a, b):
     return float(cost[rows, cols].max())
 
 
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("spherical", [False, True])
 def test_recovers_blobs(backend, spherical):
     x, labels = blobs()
@@ -37,6 +49,7 @@ def test_recovers_blobs(backend, spherical):
         torch.testing.assert_close(res.centroids.norm(dim=1), torch.ones(12))
 
 
+@needs_faiss
 @pytest.mark.parametrize("init", ["random", "kmeans++"])
 @pytest.mark.parametrize("spherical", [False, True])
 def test_backends_agree(init, spherical):
@@ -49,7 +62,7 @@ def test_backends_agree(init, spherical):
     assert a.objective == pytest.approx(b.objective, rel=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_random_init_picks_distinct_seeded_rows(backend):
     """niter=0 returns the initialisation: k distinct rows of x chosen by the seed."""
     x, _ = blobs(n=300, k=5, d=4, seed=7, spread=0.5)
@@ -61,7 +74,7 @@ def test_random_init_picks_distinct_seeded_rows(backend):
     assert not torch.equal(a.centroids, b.centroids)
 
 
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_result_is_self_consistent(backend):
     """Assignments are the nearest final centroid and distances are squared L2 to it."""
     x, _ = blobs(n=500, k=7, seed=2, spread=0.3)
@@ -102,7 +115,7 @@ def test_seeded_and_restarts_keep_the_best():
     a = kmeans(x, 20, niter=10, seed=11)
     b = kmeans(x, 20, niter=10, seed=11)
     assert torch.equal(a.assignments, b.assignments)
-    singles = [kmeans(x, 20, niter=10, seed=11 + i).objective for i in range(4)]
+    singles = [kmeans(x, 20, niter=10, seed=restart_seed(11, i)).objective for i in range(4)]
     best = kmeans(x, 20, niter=10, nredo=4, seed=11)
     assert best.objective == pytest.approx(min(singles))
 
@@ -158,3 +171,69 @@ def test_bad_k(k, message):
 def test_faiss_rejects_torch_only_options():
     with pytest.raises(ValueError, match="empty='keep'"):
         kmeans(torch.randn(10, 3), 2, backend="faiss", empty="keep")
+
+
+def overlapping_blobs(n=4000, k=16, d=8, seed=0):
+    """Clusters whose spread is comparable to their distance: many points near a boundary."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, d, generator=g)
+    return centers[torch.randint(k, (n,), generator=g)] + 0.9 * torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("k", [16, 40])
+def test_objective_within_one_percent_of_scikit_learn_from_the_same_init(k):
+    from sklearn.cluster import KMeans
+
+    x = overlapping_blobs()
+    init = kmeans(x, k, niter=0, seed=3).centroids  # niter=0 returns the initialisation
+    ours = kmeans(x, k, niter=25, seed=3, empty="keep")
+    ref = KMeans(k, init=init.double().numpy(), n_init=1, max_iter=25, tol=0.0, algorithm="lloyd")
+    ref.fit(x.double().numpy())
+    assert ours.objective == pytest.approx(float(ref.inertia_), rel=0.01)
+
+
+def row_ids(rows: torch.Tensor, x: torch.Tensor) -> set[int]:
+    """Which rows of ``x`` (exactly) make up ``rows``."""
+    match = (rows[:, None, :] == x[None, :, :]).all(-1)  # (K, N)
+    assert bool(match.any(1).all())
+    return set(match.float().argmax(1).tolist())
+
+
+def assert_no_shared_inits(inits: list[set[int]]) -> None:
+    """No initialisation reuses most of another's rows (random ones share about K'/N of them)."""
+    for i, a in enumerate(inits):
+        for b in inits[:i]:
+            shared = len(a & b) / min(len(a), len(b))
+            assert shared < 0.6, f"two inits share {shared:.0%} of their rows"
+
+
+def test_no_two_granularity_restarts_share_an_init(monkeypatch):
+    x = torch.randn(1000, 4, generator=torch.Generator().manual_seed(0))  # distinct rows
+    inits = []
+    real = kmeans_module._initial_centroids
+
+    def recording(train, k, init, spherical, gen):
+        out = real(train, k, init, spherical, gen)
+        inits.append(row_ids(out, x))
+        return out
+
+    monkeypatch.setattr(kmeans_module, "_initial_centroids", recording)
+    cluster_features(x, (100, 200, 300), 0.2, KMeansOptions(niter=0, nredo=5, seed=0))
+    assert len(inits) == 15
+    assert_no_shared_inits(inits)
+
+
+def test_no_two_granularity_restarts_share_an_init_sharded(monkeypatch):
+    x = torch.randn(1000, 4, generator=torch.Generator().manual_seed(0))
+    inits = []
+    real = kmeans_module.fetch_rows
+
+    def recording(x_local, index_local, wanted, all_reduce_sum):
+        inits.append(set(wanted.tolist()))
+        return real(x_local, index_local, wanted, all_reduce_sum)
+
+    monkeypatch.setattr(kmeans_module, "fetch_rows", recording)
+    plan = ClusteringPlan((100, 200, 300), 0.2, KMeansOptions(niter=0, nredo=5, seed=0), "sharded")
+    cluster_sharded(torch.arange(1000), x, 1000, Comm(), plan)
+    assert len(inits) == 15
+    assert_no_shared_inits(inits)

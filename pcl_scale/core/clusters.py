@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pcl_scale.core.concentration import concentration
-from pcl_scale.core.kmeans import KMeansOptions, kmeans
+from pcl_scale.core.kmeans import KMeansOptions, granularity_seed, kmeans
 from pcl_scale.core.negatives import NegativeSampler
 
 
@@ -123,8 +123,8 @@ def cluster_features(
 ) -> ClusterResult:
     """Run k-means at every granularity and estimate phi, as the reference E-step does.
 
-    Granularity m uses seed ``options.seed + m``. Prototypes are the L2-normalised centroids;
-    phi uses distances to the un-normalised ones.
+    Granularity m is seeded by ``granularity_seed(options.seed, m)``. Prototypes are the
+    L2-normalised centroids; phi uses distances to the un-normalised ones.
 
     Args:
         features: (N, D) embeddings addressed by dataset index (row i = sample i).
@@ -134,7 +134,7 @@ def cluster_features(
     """
     clusterings = []
     for m, k in enumerate(num_clusters):
-        granularity = dataclasses.replace(options, seed=options.seed + m)
+        granularity = dataclasses.replace(options, seed=granularity_seed(options.seed, m))
         res = kmeans(features, k, **dataclasses.asdict(granularity))
         phi = concentration(res.distances, res.assignments, k, temperature)
         clusterings.append(Clustering(F.normalize(res.centroids, dim=1), phi, res.assignments))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pcl_scale.core.kmeans_faiss import faiss_available, faiss_lloyd_and_assign
+from pcl_scale.core.seeds import mix_seed
 
 Backend = Literal["auto", "torch", "faiss"]
 Init = Literal["random", "kmeans++"]
@@ -64,6 +65,24 @@ class KMeansResult:
     @property
     def num_clusters(self) -> int:
         return int(self.centroids.shape[0])
+
+
+# tags that keep the restart and granularity seed streams apart
+_RESTART, _GRANULARITY = 1, 2
+
+
+def restart_seed(seed: int, restart: int) -> int:
+    """Restart 0 starts from ``seed``, restart j > 0 from a hash of (seed, j).
+
+    With ``seed + j`` restart 1 of granularity m would start from restart 0 of granularity m + 1:
+    random init draws ``randperm(N)[:K]``, so the two would share their first K rows.
+    """
+    return seed if restart == 0 else mix_seed(seed, _RESTART, restart)
+
+
+def granularity_seed(seed: int, m: int) -> int:
+    """The k-means seed of granularity m of an E-step seeded with ``seed`` (a hash of both)."""
+    return mix_seed(seed, _GRANULARITY, m)
 
 
 @dataclass(frozen=True)
@@ -103,7 +122,7 @@ def kmeans(
         x: (N, D) points; any float dtype, computed in float32 on ``x.device``.
         k: number of clusters, 1 <= k <= N.
         niter: Lloyd iterations (assignment + update) per restart.
-        nredo: restarts with seeds ``seed, seed + 1, ...``; the lowest objective is kept.
+        nredo: restarts, seeded by :func:`restart_seed`; the lowest objective is kept.
         spherical: unit-normalise centroids after each update.
         seed: seed of the initialisation (and of the empty-cluster reseeding).
         backend: ``"torch"`` (built-in), ``"faiss"`` (faiss-cpu, or every visible GPU with
@@ -137,7 +156,7 @@ def kmeans(
     best: KMeansResult | None = None
     for redo in range(nredo):
         # Both backends start from the same seeded initialisation, computed here.
-        gen = torch.Generator(device="cpu").manual_seed(seed + redo)
+        gen = torch.Generator(device="cpu").manual_seed(restart_seed(seed, redo))
         train = _training_sample(x, k, max_points_per_centroid, gen)
         centroids = _initial_centroids(train, k, init, spherical, gen)
         if backend == "faiss":
@@ -197,7 +216,7 @@ def kmeans_sharded(
     x_local = x_local.detach().float()
     best: KMeansResult | None = None
     for redo in range(options.nredo):
-        gen = torch.Generator(device="cpu").manual_seed(options.seed + redo)
+        gen = torch.Generator(device="cpu").manual_seed(restart_seed(options.seed, redo))
         if options.init == "random":
             chosen = torch.randperm(n_total, generator=gen)[:k]
             centroids = fetch_rows(x_local, index_local, chosen, all_reduce_sum)

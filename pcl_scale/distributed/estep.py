@@ -28,7 +28,7 @@ from torch import Tensor
 
 from pcl_scale.core.clusters import Clustering, ClusterResult, cluster_features
 from pcl_scale.core.concentration import cluster_distance_stats, concentration_from_stats
-from pcl_scale.core.kmeans import KMeansOptions, kmeans_sharded
+from pcl_scale.core.kmeans import KMeansOptions, granularity_seed, kmeans_sharded
 from pcl_scale.distributed.comm import Comm
 from pcl_scale.distributed.extract import (
     ExtractOptions,
@@ -119,7 +119,7 @@ def cluster_sharded(
     """Sharded k-means and phi at every granularity; assignments all-gathered as int32."""
     clusterings = []
     for m, k in enumerate(plan.num_clusters):
-        options = dataclasses.replace(plan.kmeans, seed=plan.kmeans.seed + m)
+        options = dataclasses.replace(plan.kmeans, seed=granularity_seed(plan.kmeans.seed, m))
         res = kmeans_sharded(feats, indices, n, k, comm.all_reduce_sum, options)
         dist_sum, count = cluster_distance_stats(res.distances, res.assignments, k)
         phi = concentration_from_stats(

@@ -17,11 +17,12 @@ from pcl_scale.core.clusters import ClusterResult
 from pcl_scale.core.loss import LossOutput, PCLLoss
 from pcl_scale.core.model import PCLModel
 from pcl_scale.core.schedules import learning_rate
+from pcl_scale.core.seeds import mix_seed
 from pcl_scale.distributed.comm import Comm
 from pcl_scale.engine.checkpoint import Layout, TrainState, save_checkpoint
 from pcl_scale.engine.keys import shuffled_keys
 from pcl_scale.engine.runtime import autocast_context, unwrap
-from pcl_scale.engine.seeding import SeedStream, derive_seed, mix_seed
+from pcl_scale.engine.seeding import SeedStream, derive_seed
 from pcl_scale.engine.signals import StopRequest
 from pcl_scale.engine.tracking import JsonlLogger, Meter
 

@@ -12,6 +12,8 @@ from enum import IntEnum
 import numpy as np
 import torch
 
+from pcl_scale.core.seeds import mix_seed
+
 
 class SeedStream(IntEnum):
     """What a derived seed is for (the values are part of every run's reproducibility)."""
@@ -26,12 +28,6 @@ class SeedStream(IntEnum):
 def derive_seed(seed: int, stream: SeedStream, *parts: int) -> int:
     """A 63-bit seed from (seed, stream, epoch, step, rank, ...): stable across runs and hosts."""
     return mix_seed(seed, int(stream), *parts)
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (each taken modulo 2^32), e.g. a step seed and a rank."""
-    words = [p & 0xFFFFFFFF for p in parts]
-    return int(np.random.SeedSequence(words).generate_state(2, np.uint64)[0] >> 1)
 
 
 def seed_everything(seed: int) -> None:
