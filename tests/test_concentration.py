@@ -91,3 +91,31 @@ def test_all_singletons_give_temperature():
 def test_bad_temperature():
     with pytest.raises(ValueError, match="temperature"):
         concentration(torch.ones(3), torch.tensor([0, 0, 1]), 2, temperature=0.0)
+
+
+def test_clusters_of_exact_duplicates_get_a_positive_phi():
+    """Distance sums of 0 (duplicates-only clusters) must not make c / phi infinite."""
+    count = torch.full((10,), 5.0, dtype=torch.float64)
+    spread = torch.linspace(1.0, 2.0, 10, dtype=torch.float64)
+    for zeros in (2, 6, 9):  # p10 is 0 from 2 of 10 on; a majority; all but one
+        dist_sum = spread.clone()
+        dist_sum[:zeros] = 0.0
+        phi = concentration_from_stats(dist_sum, count, temperature=0.2)
+        assert bool(torch.isfinite(phi).all()) and float(phi.min()) > 0, zeros
+        assert phi.mean().item() == pytest.approx(0.2, rel=1e-5)
+        assert float(phi[:zeros].max()) <= float(phi[zeros:].min())  # still the tightest
+
+
+def test_all_clusters_of_duplicates_give_temperature():
+    count = torch.full((6,), 4.0, dtype=torch.float64)
+    phi = concentration_from_stats(torch.zeros(6, dtype=torch.float64), count, temperature=0.2)
+    assert phi.tolist() == pytest.approx([0.2] * 6)
+
+
+def test_floor_leaves_ordinary_clusters_alone():
+    g = torch.Generator().manual_seed(0)
+    assign = torch.randint(40, (3000,), generator=g)
+    sq_dist = torch.rand(3000, generator=g, dtype=torch.float64) * 2
+    phi = concentration(sq_dist, assign, 40, temperature=0.2)
+    ref = slow_reference_phi(sq_dist.numpy(), assign.numpy(), 40, 0.2)
+    np.testing.assert_allclose(phi.numpy(), ref, rtol=1e-5)

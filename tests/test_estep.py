@@ -181,3 +181,31 @@ def test_idle_host_threads_rule(monkeypatch, one_thread):
             assert threads == torch.get_num_threads() == 1
     if faiss is not None:
         assert faiss.omp_get_max_threads() == faiss_before
+
+
+def test_estep_on_duplicated_data_gives_finite_phi_and_loss():
+    """Every image repeated: clusters of exact duplicates have distance sums of 0."""
+    from pcl_scale.core.loss import PCLLoss
+    from pcl_scale.distributed.estep import run_estep
+
+    class Repeated(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.x = features(40, seed=5).repeat(8, 1)  # (320, 8): 40 points, 8 copies each
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            return self.x[i][None, None], i
+
+    opts = ExtractOptions(batch_size=64, num_workers=0, device=torch.device("cpu"))
+    for mode in ("gather", "sharded"):
+        plan = ClusteringPlan((40, 30), 0.2, KMeansOptions(niter=10, nredo=2), mode)
+        result = run_estep(lambda x: x.flatten(1), Repeated(), Comm(), opts, plan)
+        for c in result.clusterings:
+            assert bool(torch.isfinite(c.phi).all()) and float(c.phi.min()) > 0, mode
+        q = F.normalize(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+        queue = F.normalize(torch.randn(16, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+        out = PCLLoss(0.2, 4)(q, q, queue, torch.arange(8) * 40, result,
+                              generator=torch.Generator().manual_seed(2))  # fmt: skip
+        assert torch.isfinite(out.loss), mode

@@ -8,6 +8,11 @@ Clusters with Z_c <= 1 (singletons and empty clusters) get the maximum phi over 
 clusters; phi is then clipped to its [10th, 90th] percentile and rescaled so that
 mean(phi) = temperature.
 
+Floor (not in the reference): a cluster of exact duplicates has phi = 0, so c / phi would be
+infinite, and with more than 10% such clusters the clip cannot lift them. Before the clip, phi is
+floored at ``PHI_FLOOR`` x its largest value; when that is 0 too (every cluster is duplicates),
+every phi is ``temperature``. On ordinary features the floor never binds.
+
 The estimate is split in two so that a sharded E-step can all-reduce the K-sized statistics:
 :func:`cluster_distance_stats` (per shard) and :func:`concentration_from_stats` (on the sums).
 """
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+PHI_FLOOR = 0.01  # the smallest phi, as a fraction of the largest, before the percentile clip
 
 
 def cluster_distance_stats(
@@ -47,7 +54,8 @@ def concentration_from_stats(
 ) -> Tensor:
     """phi (K,) float32 from per-cluster distance sums and counts (see the module docstring).
 
-    When no cluster has two or more members, every phi equals ``temperature``.
+    When no cluster has two or more members, or none has a positive spread, every phi equals
+    ``temperature``.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
@@ -60,7 +68,10 @@ def concentration_from_stats(
     if not bool(big.any()):
         return torch.full_like(count, temperature, dtype=torch.float32)
     phi = dist_sum / count.clamp_min(1.0) / torch.log(count + alpha)  # (K,)
-    phi = torch.where(big, phi, phi[big].max())
+    largest = phi[big].max()
+    if not bool(largest > 0):  # every cluster is exact duplicates: no spread to tell them apart
+        return torch.full_like(count, temperature, dtype=torch.float32)
+    phi = torch.where(big, phi, largest).clamp_min(PHI_FLOOR * largest)
     q = torch.tensor([lo_pct / 100.0, hi_pct / 100.0], dtype=phi.dtype, device=phi.device)
     lo, hi = torch.quantile(phi, q)  # linear interpolation, as numpy.percentile
     phi = phi.clamp(lo, hi)
