@@ -10,7 +10,9 @@ from pcl_scale.core.kmeans import assign, kmeans
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["fp16", "tf32"])
-@pytest.mark.parametrize("n, k, d", [(20_000, 1_000, 128), (5_003, 517, 96), (4_099, 4_099, 16)])
+@pytest.mark.parametrize(
+    "n, k, d", [(20_000, 1_000, 128), (5_003, 517, 96), (4_099, 4_099, 16), (3_001, 257, 8)]
+)
 def test_fused_cuda_assignment_matches_the_chunked_product(n, k, d, precision, monkeypatch):
     import pcl_scale.core.kmeans as km
 

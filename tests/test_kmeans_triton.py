@@ -41,7 +41,8 @@ def clustered(n, k, d, seed):
 
 
 # sizes that are not multiples of the tiles and a D that is not a power of two: masked loads
-SIZES = [(2_000, 300, 128), (1_029, 131, 96), (300, 67, 16)]
+# D below 16 (model.dim = 8 or 3) runs on a tile padded to 16, the smallest tl.dot takes
+SIZES = [(2_000, 300, 128), (1_029, 131, 96), (300, 67, 16), (400, 37, 8), (200, 21, 3)]
 SCALES = [20, -30]  # powers of two: 2^20 overflows float16 unless rescaled, 2^-30 flushes to 0
 
 
@@ -112,3 +113,9 @@ def test_fp16_picks_do_not_move_under_a_power_of_two_scale(run):
 def test_unknown_precision_is_refused(run):
     _, outputs = run
     assert "fp8" in outputs["unknown"] and "fp16" in outputs["unknown"]
+
+
+def test_tile_width_is_at_least_16():
+    from pcl_scale.core.kmeans_triton import padded_dim
+
+    assert [padded_dim(d) for d in (1, 3, 8, 16, 17, 96, 128)] == [16, 16, 16, 16, 32, 128, 128]

@@ -93,6 +93,11 @@ def _nearest_kernel(  # type: ignore[no-untyped-def]
     tl.store(index_ptr + rows, best_index, mask=row_ok)
 
 
+def padded_dim(d: int) -> int:
+    """The kernel's tile width for D: a power of two, at least 16 (``tl.dot``'s smallest)."""
+    return max(16, triton.next_power_of_2(d))
+
+
 def power_of_two_scale(x: Tensor, centroids: Tensor) -> Tensor:
     """2^-e with the largest magnitude of either = m * 2^e, 0.5 <= m < 1, as a 0-d tensor.
 
@@ -143,7 +148,7 @@ def nearest_centroid(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
         n,
         k,
         d,
-        D_PAD=triton.next_power_of_2(d),
+        D_PAD=padded_dim(d),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         FP16=fp16,
