@@ -89,12 +89,18 @@ def test_two_processes_match_one_process_in_both_modes(tmp_path, n, ks):
 
 
 def test_choose_mode_rule():
-    gib = 2**30
-    assert choose_mode("auto", 10**9, 128, 1, True, 8 * gib) == "gather"
-    assert choose_mode("auto", 1_281_167, 128, 8, True, 8 * gib) == "gather"
-    assert choose_mode("auto", 1_281_167, 128, 8, False, 8 * gib) == "sharded"
-    assert choose_mode("auto", 14_000_000 * 2, 128, 64, True, 8 * gib) == "sharded"
-    assert choose_mode("sharded", 10, 128, 1, True, 8 * gib) == "sharded"
+    gib, cpu, cuda = 2**30, torch.device("cpu"), torch.device("cuda", 0)
+
+    def mode(*args):
+        return choose_mode(*args)[0]
+
+    assert mode("auto", 10**9, 128, 1, "faiss", cuda, 8 * gib) == "gather"  # one process
+    assert mode("auto", 1_281_167, 128, 8, "faiss", cpu, 8 * gib) == "gather"
+    assert mode("auto", 1_281_167, 128, 8, "torch", cpu, 8 * gib) == "sharded"
+    assert mode("auto", 1_281_167, 128, 8, "faiss", cuda, 8 * gib) == "sharded"  # GPUs shard
+    assert mode("auto", 14_000_000 * 2, 128, 64, "faiss", cpu, 8 * gib) == "sharded"  # too big
+    assert mode("sharded", 10, 128, 1, "faiss", cpu, 8 * gib) == "sharded"
+    assert "over the budget" in choose_mode("auto", 10**8, 128, 8, "faiss", cpu, gib)[1]
 
 
 class _Points(torch.utils.data.Dataset):
@@ -209,3 +215,28 @@ def test_estep_on_duplicated_data_gives_finite_phi_and_loss():
         out = PCLLoss(0.2, 4)(q, q, queue, torch.arange(8) * 40, result,
                               generator=torch.Generator().manual_seed(2))  # fmt: skip
         assert torch.isfinite(out.loss), mode
+
+
+@pytest.mark.parametrize("n, world", [(10, 3), (9, 3), (5, 4), (7, 1), (8, 2)])
+def test_all_gather_by_index_places_every_strided_shard(n, world):
+    from pcl_scale.distributed.extract import all_gather_by_index
+
+    from .fakes import run_ranks
+
+    def rank_main(comm):
+        mine = torch.arange(comm.rank, n, world)
+        return all_gather_by_index(mine, (mine * 10).int(), n, comm)
+
+    for out in run_ranks(world, rank_main):
+        assert out.dtype == torch.int32 and torch.equal(out, (torch.arange(n) * 10).int())
+
+    def wrong_shard(comm):  # rank 1 holds rank 0's rows: refused on that rank
+        mine = torch.arange(0, n, world)
+        if comm.rank == 1:
+            with pytest.raises(RuntimeError, match="coverage check failed on rank 1"):
+                all_gather_by_index(mine, mine.int(), n, comm)
+            return None
+        return None
+
+    if world == 2:
+        run_ranks(world, wrong_shard)

@@ -237,3 +237,21 @@ def test_no_two_granularity_restarts_share_an_init_sharded(monkeypatch):
     cluster_sharded(torch.arange(1000), x, 1000, Comm(), plan)
     assert len(inits) == 15
     assert_no_shared_inits(inits)
+
+
+@pytest.mark.parametrize(
+    "device, installed, gpus, expected",
+    [
+        ("cuda", True, 0, "torch"),  # faiss-cpu on a GPU host: the GPU would idle
+        ("cuda", True, 8, "faiss"),
+        ("cuda", False, 0, "torch"),
+        ("cpu", True, 0, "faiss"),
+        ("cpu", False, 0, "torch"),
+    ],
+)
+def test_auto_backend_never_leaves_a_gpu_idle(monkeypatch, device, installed, gpus, expected):
+    monkeypatch.setattr(kmeans_module, "faiss_available", lambda: installed)
+    monkeypatch.setattr(kmeans_module, "faiss_gpu_count", lambda: gpus if installed else 0)
+    backend, reason = kmeans_module.resolve_backend("auto", torch.device(device))
+    assert backend == expected and reason
+    assert kmeans_module.resolve_backend("torch", torch.device(device))[0] == "torch"

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pcl_scale.core.kmeans_faiss import faiss_available, faiss_lloyd_and_assign
+from pcl_scale.core.kmeans_faiss import faiss_available, faiss_gpu_count, faiss_lloyd_and_assign
 from pcl_scale.core.seeds import mix_seed
 
 Backend = Literal["auto", "torch", "faiss"]
@@ -65,6 +65,24 @@ class KMeansResult:
     @property
     def num_clusters(self) -> int:
         return int(self.centroids.shape[0])
+
+
+def resolve_backend(backend: str, device: torch.device) -> tuple[str, str]:
+    """The backend to run for ``backend`` on ``device``, and why (the run logs both).
+
+    ``auto`` never leaves a GPU idle: on CUDA it takes faiss only when faiss itself has GPUs
+    (faiss-cpu on a GPU host would cluster on the CPU), else the torch backend and its fused
+    kernel; on a CPU it takes faiss when it imports.
+    """
+    if backend != "auto":
+        return backend, f"estep.backend={backend}"
+    if device.type == "cuda":
+        if faiss_gpu_count() > 0:
+            return "faiss", "auto on CUDA: faiss has GPUs"
+        return "torch", "auto on CUDA: faiss has no GPUs, the torch backend clusters on the device"
+    if faiss_available():
+        return "faiss", "auto on CPU: faiss is installed"
+    return "torch", "auto on CPU: faiss is not installed"
 
 
 # tags that keep the restart and granularity seed streams apart
@@ -142,8 +160,7 @@ def kmeans(
     if chunk_bytes is None:
         chunk_bytes = default_chunk_bytes(x.device)
     _check_args(x, x.shape[0] if x.dim() else 0, k, niter, nredo, chunk_bytes)
-    if backend == "auto":
-        backend = "faiss" if faiss_available() else "torch"
+    backend = resolve_backend(backend, x.device)[0]  # type: ignore[assignment]
     if backend not in ("torch", "faiss"):
         raise ValueError(f"unknown k-means backend {backend!r}: use 'torch', 'faiss' or 'auto'")
     if backend == "faiss" and empty != "reseed":

@@ -75,6 +75,16 @@ def faiss_lloyd_and_assign(
     return torch.from_numpy(centroids).to(x.device), assignments, distances
 
 
+def faiss_gpu_count() -> int:
+    """GPUs the installed faiss can use (0 for faiss-cpu, or when faiss is missing)."""
+    if not faiss_available():
+        return 0
+    import faiss
+
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    return int(get_num_gpus()) if get_num_gpus is not None else 0
+
+
 def _faiss_use_gpu(faiss_module: object) -> bool:
     get_num_gpus = getattr(faiss_module, "get_num_gpus", None)
     return bool(get_num_gpus is not None and get_num_gpus() > 0 and torch.cuda.is_available())

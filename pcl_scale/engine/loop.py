@@ -19,13 +19,13 @@ from torch.utils.data import DataLoader
 from pcl_scale.artifacts import METRICS_FILE, TrainState
 from pcl_scale.config import Config, local_batch_size, save_config, steps_per_epoch
 from pcl_scale.core.clusters import ClusterResult
-from pcl_scale.core.kmeans import KMeansOptions, faiss_available
+from pcl_scale.core.kmeans import KMeansOptions, resolve_backend
 from pcl_scale.core.model import BackboneSpec, PCLModel
 from pcl_scale.data import IndexedImages, eval_transform, load_split, train_transform
 from pcl_scale.distributed.comm import Comm
 from pcl_scale.distributed.estep import ClusteringPlan, choose_mode, estep
 from pcl_scale.distributed.extract import ExtractOptions
-from pcl_scale.engine.checkpoint import Layout, load_checkpoint, resolve_resume, save_checkpoint
+from pcl_scale.engine.checkpoint import Layout, agreed_resume, load_checkpoint, save_checkpoint
 from pcl_scale.engine.evaluate import evaluate, monitor_knn
 from pcl_scale.engine.export import export_backbone, push_to_hub
 from pcl_scale.engine.keys import fill_queue
@@ -135,7 +135,7 @@ def setup(cfg: Config, accelerator: Any, stop: StopRequest) -> Run:
         accelerator.init_trackers(run_dir.name, config=flat_config(cfg))
     model, optimizer = prepare_model(cfg, accelerator, local_batch_size(cfg, comm.world_size))
     layout = Layout(distributed_kind(accelerator), comm.world_size)
-    state, clusters, resumed = resume(cfg, accelerator, layout)
+    state, clusters, resumed = resume(cfg, accelerator, layout, comm)
     run = Run(
         cfg, accelerator, comm, stop, train_ds, model, optimizer, layout,
         JsonlLogger(run_dir / METRICS_FILE, accelerator, comm.is_main),
@@ -181,10 +181,10 @@ def prepare_model(cfg: Config, accelerator: Any, local_batch: int) -> tuple[Any,
 
 
 def resume(
-    cfg: Config, accelerator: Any, layout: Layout
+    cfg: Config, accelerator: Any, layout: Layout, comm: Comm
 ) -> tuple[TrainState, ClusterResult | None, bool]:
-    """The checkpoint ``run.resume`` names, restored in place; a fresh state otherwise."""
-    path = resolve_resume(cfg.run.resume, Path(cfg.run.output_dir))
+    """The checkpoint ``run.resume`` names (rank 0's choice), restored; else a fresh state."""
+    path = agreed_resume(cfg.run.resume, Path(cfg.run.output_dir), comm)
     if path is None:
         return TrainState(), None, False
     state, clusters = load_checkpoint(accelerator, path, layout)
@@ -232,32 +232,41 @@ def maybe_estep(run: Run, epoch: int) -> ClusterResult | None:
     sync_buffers(inner, run.comm)
     inner.eval()
     eval_view = run.view(eval_transform(cfg.data))
-    report = estep(inner.embed, eval_view, run.comm, run.extract, clustering_plan(run))
+    plan, choices = clustering_plan(run)
+    if not any(r.get("event") == "estep" for r in run.logger.records):  # once per process
+        mode, backend = choices["mode_reason"], choices["backend_reason"]
+        run.accelerator.print(
+            f"E-step: {plan.mode} mode ({mode}); {choices['backend']} ({backend})"
+        )
+    report = estep(inner.embed, eval_view, run.comm, run.extract, plan)
     inner.train()
-    run.logger.log({"event": "estep", "epoch": epoch, **report.record}, run.state.global_step)
+    record = {"event": "estep", "epoch": epoch, **report.record, **choices}
+    run.logger.log(record, run.state.global_step)
     return report.clusters.to(run.accelerator.device)
 
 
-def clustering_plan(run: Run) -> ClusteringPlan:
-    """The E-step's settings from the config, with ``estep.mode=auto`` resolved."""
+def clustering_plan(run: Run) -> tuple[ClusteringPlan, dict[str, str]]:
+    """The E-step's settings from the config, ``auto`` resolved, and the reasons for each choice."""
     e = run.cfg.estep
-    mode = choose_mode(
-        e.mode,
-        len(run.train_ds),
-        run.cfg.model.dim,
-        run.comm.world_size,
-        e.backend != "torch" and faiss_available(),
+    device = run.extract.device
+    backend, backend_reason = resolve_backend(e.backend, device)
+    mode, mode_reason = choose_mode(
+        e.mode, len(run.train_ds), run.cfg.model.dim, run.comm.world_size, backend, device,
         int(e.gather_max_gib * 2**30),
-    )
+    )  # fmt: skip
+    if mode == "sharded":
+        backend = "torch"  # the sharded k-means is the torch backend's
+        backend_reason += "; sharded mode runs the torch backend"
     kmeans = KMeansOptions(
         niter=e.niter,
         nredo=e.nredo,
         spherical=e.spherical,
         seed=e.seed,
-        backend=e.backend,  # type: ignore[arg-type]
+        backend=backend,  # type: ignore[arg-type]
         init=e.init,  # type: ignore[arg-type]
     )
-    return ClusteringPlan(tuple(run.cfg.pcl.num_clusters), run.cfg.pcl.temperature, kmeans, mode)
+    plan = ClusteringPlan(tuple(run.cfg.pcl.num_clusters), run.cfg.pcl.temperature, kmeans, mode)
+    return plan, {"backend": backend, "backend_reason": backend_reason, "mode_reason": mode_reason}
 
 
 def epoch_context(run: Run, epoch: int) -> EpochContext:
