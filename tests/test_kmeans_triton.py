@@ -6,6 +6,7 @@ where Triton is not installed.
 """
 
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
@@ -24,6 +25,8 @@ import pcl_scale.core.kmeans_triton as kt
 out = {}
 for name, (precision, x, c) in torch.load(sys.argv[1]).items():
     kt.PRECISION = precision
+    # "split" cases: launches of at most ~3 tiles, as 2^31 elements would split a huge x
+    kt.MAX_LAUNCH_ELEMENTS = 3 * 64 * x.shape[1] if name.startswith("split") else 2**31 - 1
     try:
         out[name] = kt.nearest_centroid(x, c)
     except Exception as e:  # reported per case, so one failing case fails only its test
@@ -56,6 +59,9 @@ def cases():
     for exponent in [0, *SCALES]:
         out[f"scaled{exponent}"] = ("fp16", x * 2.0**exponent, c * 2.0**exponent)
     out["unknown"] = ("fp8", x, c)
+    for precision in ("fp16", "tf32"):  # the same points in one launch and in many
+        x, c = clustered(2_000, 150, 96, seed=9)
+        out[f"whole-{precision}"] = out[f"split-{precision}"] = (precision, x, c)
     return out
 
 
@@ -119,3 +125,23 @@ def test_tile_width_is_at_least_16():
     from pcl_scale.core.kmeans_triton import padded_dim
 
     assert [padded_dim(d) for d in (1, 3, 8, 16, 17, 96, 128)] == [16, 16, 16, 16, 32, 128, 128]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "tf32"])
+def test_split_launches_give_the_same_picks(run, precision):
+    """Launches over row ranges (as below 2^31 elements each) equal one launch over all rows."""
+    _, outputs = run
+    whole, split = outputs[f"whole-{precision}"], outputs[f"split-{precision}"]
+    assert torch.equal(whole[0], split[0]) and torch.equal(whole[1], split[1])
+
+
+def test_launch_ranges_cover_every_row_below_the_int32_limit():
+    from pcl_scale.core.kmeans_triton import MAX_LAUNCH_ELEMENTS, launch_ranges
+
+    n, d, block = 20_000_000, 128, 256  # 2.56e9 elements: over 2^31
+    ranges = launch_ranges(n, d, block)
+    assert len(ranges) == 2 and ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    assert all((stop - start + block) * d <= MAX_LAUNCH_ELEMENTS for start, stop in ranges)
+    assert all((stop - start) % block == 0 for start, stop in ranges[:-1])
+    assert launch_ranges(1000, 128, 256) == [(0, 1000)]

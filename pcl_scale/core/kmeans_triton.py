@@ -32,6 +32,9 @@ import triton.language as tl
 from torch import Tensor
 
 PRECISION = "fp16"
+# The kernel addresses points with int32 offsets (row * D + column): one launch covers fewer than
+# 2^31 elements of x, so large N runs as several launches over row ranges.
+MAX_LAUNCH_ELEMENTS = 2**31 - 1
 
 # Tile shape (BLOCK_N, BLOCK_K, warps, stages) per precision, fixed rather than autotuned (tuning
 # at every start of a run costs seconds per granularity). Chosen from the tile tables measured on
@@ -93,6 +96,12 @@ def _nearest_kernel(  # type: ignore[no-untyped-def]
     tl.store(index_ptr + rows, best_index, mask=row_ok)
 
 
+def launch_ranges(n: int, d: int, block_n: int) -> list[tuple[int, int]]:
+    """Row ranges of one launch each: whole tiles, every offset (row * d + column) below 2^31."""
+    rows = max(block_n, (MAX_LAUNCH_ELEMENTS // d - block_n) // block_n * block_n)
+    return [(start, min(start + rows, n)) for start in range(0, n, rows)]
+
+
 def padded_dim(d: int) -> int:
     """The kernel's tile width for D: a power of two, at least 16 (``tl.dot``'s smallest)."""
     return max(16, triton.next_power_of_2(d))
@@ -137,24 +146,24 @@ def nearest_centroid(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
         centroids_t = centroids.t().contiguous()
         half_sq = 0.5 * centroids.pow(2).sum(1)
     index = torch.empty(n, dtype=torch.int32, device=x.device)
-
     block_n, block_k, num_warps, num_stages = TILES[PRECISION]
-    _nearest_kernel[(triton.cdiv(n, block_n),)](
-        x,
-        centroids_t,
-        half_sq,
-        scale,
-        index,
-        n,
-        k,
-        d,
-        D_PAD=padded_dim(d),
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        FP16=fp16,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    for start, stop in launch_ranges(n, d, block_n):
+        _nearest_kernel[(triton.cdiv(stop - start, block_n),)](
+            x[start:stop],
+            centroids_t,
+            half_sq,
+            scale,
+            index[start:stop],
+            stop - start,
+            k,
+            d,
+            D_PAD=padded_dim(d),
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            FP16=fp16,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
     assignments = index.long()
     distances = (x - centroids[assignments]).pow(2).sum(1)  # exact fp32, (N,)
     return assignments, distances
