@@ -88,7 +88,7 @@ def run_bare(args: argparse.Namespace, cfg: Config) -> tuple[str, float]:
     clusters = random_clusters(args.n, args.ks, cfg.model.dim).to(device)
     b, s = args.batch_size, args.image_size
     im_q, im_k = torch.randn(b, 3, s, s, device=device), torch.randn(b, 3, s, s, device=device)
-    index = torch.randint(args.n, (b,), device=device)
+    index = torch.randint(args.n, (b,))  # on the host, as the trainer keeps it
     gen = torch.Generator(device=device).manual_seed(0)
     autocast: Callable[[], Any] = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
@@ -140,7 +140,7 @@ def _time_trainer_step(args: argparse.Namespace, cfg: Config, accelerator: Any) 
     s = args.image_size
     im_q = torch.randn(local_batch, 3, s, s, device=device)
     im_k = torch.randn(local_batch, 3, s, s, device=device)
-    index = torch.randint(args.n, (local_batch,), device=device)
+    index = torch.randint(args.n, (local_batch,))  # on the host, as the trainer keeps it
 
     def step() -> None:
         inner.momentum_update(0.999)

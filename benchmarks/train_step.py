@@ -65,7 +65,7 @@ def make_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Call
     im_q = torch.randn(b, 3, s, s, device=device)
     im_k = torch.randn(b, 3, s, s, device=device)
     labels = torch.randint(1000, (b,), device=device)
-    index = torch.randint(args.n, (b,), device=device)
+    index = torch.randint(args.n, (b,))  # on the host, as the trainer keeps it
     clusters = random_clusters(args.n, args.ks, 128).to(device)
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -159,7 +159,7 @@ def loss_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Call
     q0 = F.normalize(torch.randn(b, 128, device=device), dim=1)
     k = F.normalize(torch.randn(b, 128, device=device), dim=1)
     queue = F.normalize(torch.randn(args.queue, 128, device=device), dim=1)
-    index = torch.randint(args.n, (b,), device=device)
+    index = torch.randint(args.n, (b,))  # on the host, as the trainer keeps it
     clusters = random_clusters(args.n, args.ks, 128).to(device)
     gen = torch.Generator(device=device).manual_seed(0)
 

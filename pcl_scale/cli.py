@@ -106,7 +106,7 @@ def run_eval(export_dir: Path, cfg: Any) -> int:
     from pcl_scale.evaluation.protocols import evaluate_export
     from pcl_scale.evaluation.tables import format_evaluation
 
-    device = init_from_env()
+    device = init_from_env(cfg.run.collective_timeout_min)
     report = evaluate_export(export_dir, cfg.data, cfg.eval, Comm(), device)
     if report is not None:
         print(format_evaluation(report))

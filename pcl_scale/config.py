@@ -226,6 +226,13 @@ class RunConfig:
             "as gallery and data.eval_split as queries, into the metrics log (0 = off)"
         ),
     )
+    collective_timeout_min: float = field(
+        default=60.0,
+        metadata=_help(
+            "minutes a collective may wait before the run fails (NCCL's own default is 10); no "
+            "phase waits on work that grows with N on one rank, so this covers stragglers"
+        ),
+    )
     evaluate: bool = field(
         default=True,
         metadata=_help(

@@ -67,6 +67,7 @@ def _check_ranges(cfg: Config) -> None:
         "run.log_every": cfg.run.log_every,
         "pcl.temperature": cfg.pcl.temperature,
         "optim.lr": cfg.optim.lr,
+        "run.collective_timeout_min": cfg.run.collective_timeout_min,
     }
     for name, value in positive.items():
         if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):

@@ -61,6 +61,9 @@ class FakeComm(Comm):
     def all_gather_object(self, obj: object) -> list[object]:
         return self._exchange(obj)
 
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        return self._exchange(obj)[src]
+
     def all_gather_cat(self, t: Tensor) -> Tensor:
         return torch.cat([part.to(t.device) for part in self._exchange(t.detach().clone())])
 

@@ -132,3 +132,26 @@ def test_corrupt_image_names_the_index(tmp_path):
     view[2]
     with pytest.raises(DataError, match="dataset index 3"):
         view[3]
+
+
+@pytest.mark.parametrize("n, world", [(1437, 1), (1437, 2), (1000, 4), (7, 3)])
+def test_epoch_order_is_distributed_samplers_order_as_a_tensor(n, world):
+    from torch.utils.data import DistributedSampler
+
+    from pcl_scale.engine.loaders import EpochOrder
+
+    for epoch in (0, 3):
+        for rank in range(world):
+            reference: DistributedSampler[int] = DistributedSampler(
+                range(n),  # type: ignore[arg-type]  # any sized sequence serves
+                num_replicas=world,
+                rank=rank,
+                shuffle=True,
+                seed=5,
+                drop_last=True,
+            )
+            reference.set_epoch(epoch)
+            order = EpochOrder(n, world, rank, seed=5 + epoch, skip=2)
+            assert order.indices.dtype == torch.int32  # no list of Python ints per rank
+            assert list(order) == list(reference)[2:]
+            assert len(order) == len(reference) - 2

@@ -182,3 +182,15 @@ def test_gradients_reach_only_the_online_encoder():
     assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
     assert not model.queue.requires_grad
     assert math.isfinite(out.loss.item())
+
+
+def test_assignments_stay_in_host_memory_as_int32():
+    """Only the K-sized prototypes and phi move to a device; positives are looked up on the host."""
+    clusters = cluster_features(unit(60, 8, seed=0), (7, 12), 0.2, KMeansOptions(niter=3))
+    assert all(c.assignments.dtype == torch.int32 for c in clusters.clusterings)
+    moved = clusters.to("meta")  # any other device: nothing of size N follows
+    assert all(c.prototypes.device.type == "meta" for c in moved.clusterings)
+    assert all(c.assignments.device.type == "cpu" for c in moved.clusterings)
+    index = torch.tensor([3, 0, 59])
+    expected = torch.stack([c.assignments[index].long() for c in clusters.clusterings])
+    assert torch.equal(moved.positives(index), expected)  # (M, B) int64

@@ -207,3 +207,50 @@ def test_two_processes_interrupted_then_resumed_match_uninterrupted(
         assert torch.equal(value, resumed_clusters[0][key]) or torch.allclose(
             value.float(), resumed_clusters[0][key].float(), atol=1e-5
         ), key
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tmp_path, monkeypatch):
+    """Ranks that list different newest checkpoints (a cached shared filesystem) agree on one."""
+    import threading
+
+    import pcl_scale.engine.checkpoint as checkpoint
+    from pcl_scale.errors import UserError
+
+    from .fakes import run_ranks
+
+    seen = threading.local()  # what "the filesystem" shows this rank
+
+    def find_latest(run_dir):
+        return tmp_path / f"step_00000000{seen.rank}"
+
+    monkeypatch.setattr(checkpoint, "find_latest", find_latest)
+
+    def rank_main(comm):
+        seen.rank = comm.rank + 1  # rank 0 sees step 1, rank 1 sees step 2
+        return checkpoint.agreed_resume("auto", tmp_path, comm)
+
+    assert run_ranks(2, rank_main) == [tmp_path / "step_000000001"] * 2
+
+    def bad_path(comm):  # rank 0's error is every rank's error, instead of a hang
+        with pytest.raises(UserError, match="not a complete"):
+            checkpoint.agreed_resume(str(tmp_path / "missing"), tmp_path, comm)
+        return True
+
+    assert run_ranks(2, bad_path) == [True, True]
+
+
+def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
+    from datetime import timedelta
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from pcl_scale.engine.runtime import make_accelerator
+
+    cfg = load_config(None, ["run.collective_timeout_min=7"])
+    try:
+        accelerator = make_accelerator(cfg)
+        assert accelerator.init_handler is not None
+        assert accelerator.init_handler.to_kwargs()["timeout"] == timedelta(minutes=7)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()

@@ -108,7 +108,7 @@ class PCLLoss:
             q: (B, D) normalised queries of the local batch (with gradient).
             k: (B, D) normalised keys.
             queue: (r_queue, D) negatives for the instance term.
-            index: (B,) dataset index of each sample.
+            index: (B,) dataset index of each sample, where the assignments live (host memory).
             clusters: the E-step result, or None during warm-up.
             generator: seeded generator for the negative draws.
         """
@@ -139,7 +139,7 @@ class PCLLoss:
     ) -> tuple[Tensor, Tensor]:
         """ProtoNCE averaged over granularities, and its top-1 accuracy (float32 inputs)."""
         table = clusters.table
-        pos = torch.stack([c.assignments[index] for c in clusters.clusterings]).long()  # (M, B)
+        pos = clusters.positives(index).to(q.device, non_blocking=True)  # (M, B)
         neg = table.sampler(pos, self.r, generator)  # (M, r)
         ids = torch.cat([pos, neg], dim=1) + table.offsets  # (M, B + r) rows of the table
         # row i * M + m: sample i at granularity m, whose positive is column i

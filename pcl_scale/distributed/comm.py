@@ -7,6 +7,7 @@ for gloo) and come back on the caller's device.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import sys
 from collections.abc import Iterator
@@ -18,17 +19,19 @@ from torch import Tensor
 from pcl_scale.core.kmeans import faiss_available
 
 
-def init_from_env() -> torch.device:
+def init_from_env(timeout_min: float = 60.0) -> torch.device:
     """Join the process group a launcher describes (WORLD_SIZE > 1), once; this rank's device.
 
-    NCCL on GPUs, gloo on CPU; a single process stays without a group.
+    NCCL on GPUs, gloo on CPU; a single process stays without a group. A collective fails after
+    ``timeout_min`` minutes of waiting.
     """
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        timeout = datetime.timedelta(minutes=timeout_min)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 
@@ -86,6 +89,14 @@ class Comm:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        """``src``'s picklable ``obj`` on every rank (a decision made once, followed by all)."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
 
     def all_gather_object(self, obj: object) -> list[object]:
         """Every rank's picklable ``obj``, in rank order."""

@@ -106,15 +106,18 @@ def gather_by_index(indices: Tensor, feats: Tensor, n: int, comm: Comm) -> Tenso
 
 
 def all_gather_by_index(indices: Tensor, values: Tensor, n: int, comm: Comm) -> Tensor:
-    """(N,) values on every rank from the per-rank (index, value) pairs, coverage checked."""
+    """(N,) values on every rank from each rank's strided shard ``range(rank, N, world)``.
+
+    The indices are known from the stride, so only the values travel; each rank checks locally
+    that it holds exactly its stride (the coverage check, without gathering N indices).
+    """
+    expected = torch.arange(comm.rank, n, comm.world_size)
+    if not torch.equal(indices.cpu().long(), expected):
+        raise RuntimeError(
+            f"E-step coverage check failed on rank {comm.rank}: {indices.numel()} rows that are "
+            f"not the strided shard range({comm.rank}, {n}, {comm.world_size})"
+        )
     width = -(-n // comm.world_size)
-    pad = width - indices.shape[0]
-    idx = comm.all_gather_cat(torch.cat([indices.cpu(), torch.full((pad,), -1, dtype=torch.long)]))
-    val = comm.all_gather_cat(torch.cat([values.cpu(), values.new_zeros(pad).cpu()]))
-    keep = idx >= 0
-    idx, val = idx[keep], val[keep]
-    if idx.numel() != n or not bool((torch.bincount(idx, minlength=n) == 1).all()):
-        raise RuntimeError(f"E-step coverage check failed: {idx.numel()} values for N={n} samples")
-    out = torch.empty(n, dtype=values.dtype)
-    out[idx] = val
-    return out
+    padded = torch.cat([values.cpu(), values.new_zeros(width - values.shape[0]).cpu()])
+    gathered = comm.all_gather_cat(padded).view(comm.world_size, width)  # row r: rank r's shard
+    return gathered.t().reshape(-1)[:n].clone()  # position j * W + r is index j * W + r

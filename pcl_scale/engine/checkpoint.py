@@ -117,6 +117,27 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
+def agreed_resume(resume: str, run_dir: Path, comm: Comm) -> Path | None:
+    """Rank 0's :func:`resolve_resume`, on every rank.
+
+    On a shared filesystem with caching, ranks may list different checkpoints; one choice keeps
+    them on the same state. A bad ``run.resume`` is the same error everywhere.
+    """
+    choice: tuple[str | None, str] = (None, "")
+    if comm.is_main:
+        try:
+            path = resolve_resume(resume, run_dir)
+            choice = (str(path) if path is not None else None, "")
+        except UserError as err:
+            choice = (None, str(err))
+    agreed = comm.broadcast_object(choice)
+    assert isinstance(agreed, tuple)
+    path_text, error = agreed
+    if error:
+        raise UserError(error)
+    return Path(path_text) if path_text is not None else None
+
+
 def saved_layout(path: Path) -> Layout:
     raw = json.loads((path / STATE_FILE).read_text()).get("layout", {})
     return Layout(str(raw.get("kind", "ddp")), int(raw.get("world_size", 1)))

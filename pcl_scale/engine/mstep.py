@@ -155,7 +155,7 @@ def train_step(
     """
     cfg, accelerator, comm, inner = ctx.cfg, ctx.accelerator, ctx.comm, ctx.inner
     device = accelerator.device
-    im_q, im_k, index = im_q.to(device), im_k.to(device), index.to(device)
+    im_q, im_k = im_q.to(device), im_k.to(device)  # the index stays on the host (positives)
     step_seed = derive_seed(cfg.run.seed, SeedStream.STEP, ctx.epoch, ctx.state.global_step, micro)
     with accelerator.accumulate(ctx.model), ctx.autocast():
         q, _ = ctx.model(im_q)

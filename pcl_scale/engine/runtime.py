@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -54,17 +55,23 @@ def make_accelerator(cfg: Config) -> Any:
             project_dir=cfg.run.output_dir, logging_dir=cfg.run.output_dir
         ),
     )
-    if not deepspeed_requested():
-        return Accelerator(cpu=not on_gpu, mixed_precision=cfg.run.mixed_precision, **common)
-
     from accelerate.utils import InitProcessGroupKwargs
 
+    timeout = timedelta(minutes=cfg.run.collective_timeout_min)
+    if not deepspeed_requested():
+        return Accelerator(
+            cpu=not on_gpu,
+            mixed_precision=cfg.run.mixed_precision,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+            **common,
+        )
     plugin = _deepspeed_plugin(cfg, on_gpu)
+    group = InitProcessGroupKwargs(timeout=timeout, **({} if on_gpu else {"backend": "gloo"}))
     return Accelerator(
         deepspeed_plugin=plugin,
         # bf16 is DeepSpeed's torch autocast (set in the plugin), not Accelerate's bf16 mode
         mixed_precision="fp16" if cfg.run.mixed_precision == "fp16" else "no",
-        kwargs_handlers=[] if on_gpu else [InitProcessGroupKwargs(backend="gloo")],
+        kwargs_handlers=[group],
         **common,
     )
 
