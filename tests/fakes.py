@@ -67,6 +67,10 @@ class FakeComm(Comm):
     def all_gather_cat(self, t: Tensor) -> Tensor:
         return torch.cat([part.to(t.device) for part in self._exchange(t.detach().clone())])
 
+    def all_to_all(self, t: Tensor) -> Tensor:
+        parts = self._exchange(t.detach().clone())  # every rank's whole tensor
+        return torch.cat([part.chunk(self.world_size)[self.rank] for part in parts])
+
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         parts = self._exchange(t.detach().clone())
         total = parts[0].clone()

@@ -115,6 +115,16 @@ class Comm:
         dist.all_gather(out, src)
         return torch.cat(out).to(t.device)
 
+    def all_to_all(self, t: Tensor) -> Tensor:
+        """Part r of ``t`` (dim 0 split into world-size equal parts) to rank r; parts received
+        from every rank, in rank order, as one tensor of ``t``'s shape."""
+        if not self.enabled:
+            return t
+        src = t.to(self.device).contiguous()
+        out = torch.empty_like(src)
+        dist.all_to_all_single(out, src)
+        return out.to(t.device)
+
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         """Sum over ranks, in place; returns ``t``."""
         if self.enabled:

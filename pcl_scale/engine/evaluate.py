@@ -1,35 +1,49 @@
 """Evaluation inside a training run: the final learned-vs-raw table and the kNN monitor.
 
-Features are extracted sharded like the E-step (:mod:`pcl_scale.distributed.extract`) and
-scored on rank 0 with :mod:`pcl_scale.evaluation.metrics`, with the threads of the waiting ranks.
+Features are extracted sharded like the E-step and stay on their ranks: kNN and k-means scores
+run sharded (:mod:`pcl_scale.evaluation.sharded`), so no rank works alone on N rows while the
+others wait, and every rank ends with the same scores.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch import Tensor
 
 from pcl_scale.artifacts import EMBEDDINGS_FILE
 from pcl_scale.config import Config
+from pcl_scale.core.kmeans import fetch_rows
 from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
 from pcl_scale.distributed.comm import Comm
-from pcl_scale.distributed.extract import ExtractOptions, extract_all
+from pcl_scale.distributed.extract import ExtractOptions, extract_shard
 from pcl_scale.engine.runtime import sync_buffers, unwrap
-from pcl_scale.evaluation.metrics import knn_scores, representation_scores
+from pcl_scale.evaluation.sharded import Shard, sharded_kmeans_scores, sharded_knn_scores
 
 # The raw-pixel baseline is computed only when all eval images fit in this many float values.
 RAW_BASELINE_MAX_VALUES = 400_000_000
+EMBEDDING_SAMPLE = 10_000  # features kept for the run report's map
+
+
+@dataclass(frozen=True)
+class Splits:
+    """This rank's shards of each split (gallery first), for the learned and the raw features."""
+
+    learned: list[Shard]
+    raw: list[Shard]
+    sizes: list[int]
+    num_classes: int  # largest label + 1 (kNN votes)
+    num_clusters: int  # distinct labels (K of the k-means scores)
 
 
 def evaluate(
     cfg: Config, accelerator: Any, model: Any, comm: Comm, extract: ExtractOptions, train_ds: Any
 ) -> dict[str, dict[str, float]] | None:
-    """kNN (k=5, cosine) and k-means NMI/AMI of the backbone features vs raw pixels (rank 0).
+    """kNN (k=5, cosine) and k-means NMI/AMI of the backbone features vs raw pixels.
 
     The kNN gallery is the training split and the queries are ``data.eval_split``; k-means runs
     on the union. Without an eval split only k-means on the training split is reported. Raw
@@ -40,61 +54,67 @@ def evaluate(
     )
     pixels = 3 * cfg.data.image_size**2
     with_raw = pixels * sum(len(ds) for ds in splits) <= RAW_BASELINE_MAX_VALUES
-    learned, raw, labels = labelled_features(
-        cfg, accelerator, model, comm, extract, splits, with_raw
+    shards = labelled_shards(cfg, accelerator, model, comm, extract, splits, with_raw)
+    report = {
+        name: representation_scores(feats, shards, comm, cfg.run.seed)
+        for name, feats in (("raw pixels", shards.raw), ("pcl backbone", shards.learned))
+        if feats
+    }
+    save_embedding_sample(
+        Path(cfg.run.output_dir), shards.learned, shards.sizes, comm, cfg.run.seed
     )
-    report = None
-    if comm.is_main:
-        with comm.idle_host_threads():  # the other ranks wait at the barrier below
-            report = {
-                name: representation_scores(
-                    [f for f in feats if f is not None], labels, k=5, seed=cfg.run.seed
-                )  # rank 0 holds every split
-                for name, feats in (("raw pixels", raw), ("pcl backbone", learned))
-                if feats
-            }
-        save_embedding_sample(
-            Path(cfg.run.output_dir), [f for f in learned if f is not None], labels, cfg.run.seed
-        )
-    comm.barrier()
     return report
 
 
+def representation_scores(
+    feats: list[Shard], splits: Splits, comm: Comm, seed: int
+) -> dict[str, float]:
+    """k-means NMI/AMI/ARI/ACC on all splits together; kNN (k = 5) top-1 with two splits."""
+    row = sharded_kmeans_scores(feats, splits.sizes, splits.num_clusters, comm, seed)
+    if len(feats) > 1:
+        knn = sharded_knn_scores(feats[0], feats[1], splits.num_classes, comm,
+                                 votes=(("knn5", 5, None),))  # fmt: skip
+        row["knn_top1"] = knn["knn5_top1"]
+    return row
+
+
 def save_embedding_sample(
-    run_dir: Path, feats: list[Tensor], labels: list[Tensor], seed: int, limit: int = 10_000
+    run_dir: Path, shards: list[Shard], sizes: list[int], comm: Comm, seed: int
 ) -> None:
-    """A seeded random sample of the final backbone features with labels, for the run report."""
-    x, y = torch.cat(feats).float(), torch.cat(labels).long()
-    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit]
-    save_file(
-        {"features": x[keep].contiguous(), "labels": y[keep].contiguous()},
-        str(run_dir / EMBEDDINGS_FILE),
-    )
+    """A seeded random sample of the final backbone features with labels, for the run report.
+
+    The sampled rows are assembled on every rank from their owners (a bounded all-reduce).
+    """
+    offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+    x = torch.cat([s.feats.float().cpu() for s in shards])
+    index = torch.cat([s.index + off for s, off in zip(shards, offsets.tolist(), strict=True)])
+    labels = torch.cat([s.labels.float() for s in shards])[:, None]
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(sum(sizes), generator=g)[:EMBEDDING_SAMPLE]
+    features = fetch_rows(x, index, keep, comm.all_reduce_sum)
+    sample_labels = fetch_rows(labels, index, keep, comm.all_reduce_sum)[:, 0].round().long()
+    if comm.is_main:
+        save_file({"features": features.contiguous(), "labels": sample_labels.contiguous()},
+                  str(run_dir / EMBEDDINGS_FILE))  # fmt: skip
 
 
 def monitor_knn(
     cfg: Config, accelerator: Any, model: Any, comm: Comm, extract: ExtractOptions, train_ds: Any
 ) -> dict[str, float] | None:
-    """kNN of the online backbone during training (rank 0's result; None elsewhere or unlabelled).
+    """kNN of the online backbone during training (None when unlabelled or without eval split).
 
     The gallery is the training split, the queries ``data.eval_split``; both through the
-    deterministic eval view, extracted sharded like the E-step.
+    deterministic eval view, extracted and scored sharded.
     """
     if not (cfg.data.label_column and cfg.data.eval_split):
         return None
     splits = [train_ds, load_split(cfg.data, cfg.data.eval_split)]
-    feats, _, labels = labelled_features(cfg, accelerator, model, comm, extract, splits, False)
-    knn = None
-    if comm.is_main:
-        (gallery, queries), (gallery_labels, query_labels) = feats, labels
-        assert gallery is not None and queries is not None
-        with comm.idle_host_threads():  # the other ranks wait at the barrier below
-            knn = knn_scores(gallery, gallery_labels, queries, query_labels)
-    comm.barrier()
-    return knn
+    shards = labelled_shards(cfg, accelerator, model, comm, extract, splits, False)
+    gallery, queries = shards.learned
+    return sharded_knn_scores(gallery, queries, shards.num_classes, comm)
 
 
-def labelled_features(
+def labelled_shards(
     cfg: Config,
     accelerator: Any,
     model: Any,
@@ -102,26 +122,30 @@ def labelled_features(
     extract: ExtractOptions,
     splits: list[Any],
     with_raw: bool,
-) -> tuple[list[Tensor | None], list[Tensor | None], list[Tensor]]:
-    """Online-backbone features (and raw pixels) of each split's eval view, with labels.
+) -> Splits:
+    """This rank's online-backbone features (and raw pixels) of each split, with labels.
 
-    Features are extracted sharded and assembled on rank 0 (None elsewhere), after rank 0's
-    BatchNorm statistics are made everyone's.
+    Rank 0's BatchNorm statistics are made everyone's first, so every shard comes from the same
+    encoder.
     """
     inner = unwrap(accelerator, model)
     sync_buffers(inner, comm)
     inner.eval()
     opts = dataclasses.replace(extract, progress=False)
-    learned: list[Tensor | None] = []
-    raw: list[Tensor | None] = []
-    labels = []
+    learned: list[Shard] = []
+    raw: list[Shard] = []
+    all_labels = []
     for ds in splits:
         view = IndexedImages(ds, cfg.data.image_column, eval_transform(cfg.data))
-        learned.append(extract_all(inner.encoder_q.backbone, view, comm, opts))
+        labels = labels_of(ds, cfg.data)
+        assert labels is not None
+        index, feats = extract_shard(inner.encoder_q.backbone, view, comm, opts)
+        learned.append(Shard(feats, index, labels[index]))
         if with_raw:
-            raw.append(extract_all(torch.nn.Flatten(), view, comm, opts))
-        lab = labels_of(ds, cfg.data)
-        assert lab is not None
-        labels.append(lab)
+            _, pixels = extract_shard(torch.nn.Flatten(), view, comm, opts)
+            raw.append(Shard(pixels, index, labels[index]))
+        all_labels.append(labels)
     inner.train()
-    return learned, raw, labels
+    every = torch.cat(all_labels)
+    sizes = [len(ds) for ds in splits]
+    return Splits(learned, raw, sizes, int(every.max()) + 1, int(every.unique().numel()))

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pcl_scale.core.kmeans import kmeans
+from pcl_scale.distributed.comm import Comm
+from pcl_scale.evaluation.sharded import (
+    Shard,
+    knn_votes,
+    local_neighbours,
+    sharded_kmeans_scores,
+)
 
 
 def knn_class_scores(
@@ -19,33 +25,23 @@ def knn_class_scores(
     num_classes: int | None = None,
     chunk: int = 1024,
 ) -> Tensor:
-    """Class scores (M, C) of a cosine k-nearest-neighbour classifier.
+    """Class scores (M, C) of a cosine k-nearest-neighbour classifier (one process).
 
     With ``temperature`` each of the k neighbours votes ``exp(similarity / T)`` for its class
     (the weighted kNN of instance discrimination: k = 200, T = 0.07); without, each votes 1 and
-    ties between classes go to the class of the nearest voter among them. Similarities are
-    computed in chunks of test rows, so the full test x train matrix is never held.
+    ties between classes go to the class of the nearest voter among them. Neighbours are the
+    sharded evaluation's (:func:`pcl_scale.evaluation.sharded.local_neighbours`), in chunks of
+    ``chunk`` test rows: the full test x train matrix is never held.
     """
     a = F.normalize(train_feats.float(), dim=1)
     b = F.normalize(test_feats.float(), dim=1)
     c = num_classes or int(train_labels.max()) + 1
     k = min(k, a.shape[0])
+    ids = torch.arange(a.shape[0])
     out = []
     for start in range(0, b.shape[0], chunk):
-        top = (b[start : start + chunk] @ a.t()).topk(k, dim=1)  # (m, k), nearest first
-        votes = train_labels[top.indices]  # (m, k)
-        if temperature is not None:
-            weights = (top.values / temperature).exp()
-            out.append(torch.zeros(votes.shape[0], c).scatter_add_(1, votes, weights))
-            continue
-        counts = F.one_hot(votes, c).sum(1).float()  # (m, C)
-        rank_bonus = torch.zeros_like(counts).scatter_reduce_(
-            1,
-            votes,
-            (k - torch.arange(k, dtype=torch.float32)).expand_as(votes) / (k * k + 1.0),
-            reduce="amax",
-        )
-        out.append(counts + rank_bonus)
+        sims, nearest = local_neighbours(b[start : start + chunk], a, ids, k)  # (m, k)
+        out.append(knn_votes(sims, train_labels[nearest], c, temperature))
     return torch.cat(out) if out else torch.empty(0, c)
 
 
@@ -112,11 +108,12 @@ def clustering_scores(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 
 def kmeans_scores(feats: Tensor, labels: Tensor, seed: int = 0) -> dict[str, float]:
-    """k-means with K = number of classes (k-means++, 10 restarts), then clustering scores."""
-
+    """k-means with K = number of classes, then clustering scores: the sharded evaluation's
+    k-means and scores (:func:`pcl_scale.evaluation.sharded.sharded_kmeans_scores`) on one
+    process, so a one-process score equals a sharded one."""
     k = int(labels.unique().numel())
-    res = kmeans(feats.float(), k, niter=100, nredo=10, seed=seed, init="kmeans++")
-    return clustering_scores(labels.cpu().numpy(), res.assignments.cpu().numpy())
+    whole = Shard(feats, torch.arange(feats.shape[0]), labels)
+    return sharded_kmeans_scores([whole], [feats.shape[0]], k, Comm(), seed)
 
 
 def representation_scores(

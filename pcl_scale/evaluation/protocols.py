@@ -22,11 +22,12 @@ from pcl_scale.artifacts import CLUSTERS_FILE, find_latest, load_exported_backbo
 from pcl_scale.config import DataConfig, EvalConfig
 from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
 from pcl_scale.distributed.comm import Comm
-from pcl_scale.distributed.extract import ExtractOptions, extract_all
+from pcl_scale.distributed.extract import ExtractOptions, extract_shard, gather_by_index
 from pcl_scale.errors import UserError
 from pcl_scale.evaluation.linear_probe import ReferenceSchedule, linear_probe, linear_reference
 from pcl_scale.evaluation.lowshot import lowshot_svm
-from pcl_scale.evaluation.metrics import clustering_scores, kmeans_scores, knn_scores
+from pcl_scale.evaluation.metrics import clustering_scores
+from pcl_scale.evaluation.sharded import Shard, sharded_kmeans_scores, sharded_knn_scores
 
 RAW, LEARNED = "raw pixels", "pcl backbone"
 
@@ -80,21 +81,28 @@ def evaluate_export(
     labels = split_labels(splits, data)
     views = [IndexedImages(ds, data.image_column, eval_transform(data)) for ds in splits]
     opts = ExtractOptions(options.batch_size, data.num_workers, device)
+    protocols = applicable(options.protocols, labels[0])
     report: dict[str, dict[str, Any]] = {}
     for name, encoder in ((RAW, torch.nn.Flatten()), (LEARNED, model)):
-        feats = [extract_all(encoder, v, comm, opts) for v in views]
-        if comm.is_main:
-            with comm.idle_host_threads():  # the other ranks wait for rank 0
-                ready = [f for f in feats if f is not None]
-                report[name] = score_features(ready, labels, options)
-                if "linear_reference" in options.protocols and labels[0].ndim == 1:
-                    report[name].update(
-                        reference_linear(
-                            encoder, splits[0], views[1], labels, data, options, device
+        shards = [extract_shard(encoder, v, comm, opts) for v in views]
+        sharded = sharded_protocols(shards, labels, protocols, options.seed, comm)
+        gathered: dict[str, Any] = {}
+        if {"linear", "lowshot", "linear_reference"} & set(protocols):
+            full = [
+                gather_by_index(i, f, len(v), comm) for (i, f), v in zip(shards, views, strict=True)
+            ]
+            if comm.is_main:  # these protocols fit their classifiers on rank 0
+                with comm.idle_host_threads():  # the other ranks wait at the barrier below
+                    ready = [f for f in full if f is not None]
+                    gathered = gathered_protocols(ready, labels, protocols, options)
+                    if "linear_reference" in protocols:
+                        gathered.update(
+                            reference_linear(
+                                encoder, splits[0], views[1], labels, data, options, device
+                            )
                         )
-                    )
-        if name == RAW:  # the other ranks would otherwise start the next extraction
             comm.barrier()
+        report[name] = ordered_row(options.protocols, protocols, sharded, gathered)
     if not comm.is_main:
         return None
     if options.run_dir and labels[0].ndim == 1:
@@ -161,44 +169,73 @@ def linear_train_transform(data: DataConfig) -> Any:
     )
 
 
-def score_features(
-    feats: list[torch.Tensor], labels: list[torch.Tensor], options: EvalConfig
+def applicable(requested: list[str], train_labels: torch.Tensor) -> list[str]:
+    """The protocols that apply: multi-label (N, C) targets get the low-shot protocol only."""
+    if train_labels.ndim == 2:
+        return [p for p in requested if p == "lowshot"]
+    return list(requested)
+
+
+def sharded_protocols(
+    shards: list[tuple[torch.Tensor, torch.Tensor]],
+    labels: list[torch.Tensor],
+    protocols: list[str],
+    seed: int,
+    comm: Comm,
 ) -> dict[str, Any]:
-    """Protocols on [gallery/train, query/test] features with their labels (one flat dict).
+    """kNN and k-means scores with the features on their ranks (the same on every rank)."""
+    row: dict[str, Any] = {}
+    if not {"knn", "cluster"} & set(protocols):
+        return row
+    parts = [Shard(f, i, lab[i]) for (i, f), lab in zip(shards, labels, strict=True)]
+    every = torch.cat(labels)
+    if "knn" in protocols:
+        row.update(sharded_knn_scores(parts[0], parts[1], int(every.max()) + 1, comm))
+    if "cluster" in protocols:
+        sizes = [len(lab) for lab in labels]
+        scores = sharded_kmeans_scores(parts, sizes, int(every.unique().numel()), comm, seed)
+        row.update({f"kmeans_{k}": v for k, v in scores.items()})
+    return row
+
+
+def gathered_protocols(
+    feats: list[torch.Tensor], labels: list[torch.Tensor], protocols: list[str], options: EvalConfig
+) -> dict[str, Any]:
+    """The linear probe and low-shot SVMs on [gallery/train, query/test] features (rank 0).
 
     Labels are (N,) class ids, or (N, C) multi-label targets (1 positive, -1 negative,
-    0 difficult), for which only the low-shot protocol (mAP) applies; the others are listed as
-    skipped.
+    0 difficult), for which only the low-shot protocol (mAP) applies.
     """
-    protocols: list[str] = list(options.protocols)
-    seed, lowshot_ks = options.seed, options.lowshot_ks
     (xtr, xte), (ytr, yte) = feats, labels
     row: dict[str, Any] = {}
-    if ytr.ndim == 2:
-        skipped = [p for p in protocols if p != "lowshot"]
-        if skipped:
-            row["skipped_for_multilabel"] = skipped
-        protocols = [p for p in protocols if p == "lowshot"]
-    if "knn" in protocols:
-        row.update(knn_scores(xtr, ytr, xte, yte))
     if "linear" in protocols:
-        row.update(
-            {f"linear_{k}": v for k, v in linear_probe(xtr, ytr, xte, yte, seed=seed).items()}
-        )
+        res = linear_probe(xtr, ytr, xte, yte, seed=options.seed)
+        row.update({f"linear_{k}": v for k, v in res.items()})
     if "lowshot" in protocols:
         fewest = int((ytr == 1).sum(0).min() if ytr.ndim == 2 else torch.bincount(ytr).min())
-        ks = [k for k in lowshot_ks if k <= fewest]
-        if len(ks) < len(lowshot_ks):
-            row["lowshot_skipped_k"] = [k for k in lowshot_ks if k > fewest]
-        for res in lowshot_svm(
-            xtr.numpy(), ytr.numpy(), xte.numpy(), yte.numpy(), ks, options.lowshot_runs, seed=seed
+        ks = [k for k in options.lowshot_ks if k <= fewest]
+        if len(ks) < len(options.lowshot_ks):
+            row["lowshot_skipped_k"] = [k for k in options.lowshot_ks if k > fewest]
+        runs, seed = options.lowshot_runs, options.seed
+        for one in lowshot_svm(
+            xtr.numpy(), ytr.numpy(), xte.numpy(), yte.numpy(), ks, runs, seed=seed
         ):
-            row[f"lowshot_k{res.k}_mean"], row[f"lowshot_k{res.k}_std"] = res.mean, res.std
-    if "cluster" in protocols:
-        row.update(
-            {
-                f"kmeans_{k}": v
-                for k, v in kmeans_scores(torch.cat(feats), torch.cat(labels), seed).items()
-            }
-        )
+            row[f"lowshot_k{one.k}_mean"], row[f"lowshot_k{one.k}_std"] = one.mean, one.std
+    return row
+
+
+def ordered_row(
+    requested: list[str], applied: list[str], sharded: dict[str, Any], gathered: dict[str, Any]
+) -> dict[str, Any]:
+    """One flat row in protocol order (knn, linear, lowshot, cluster, linear_reference)."""
+    row: dict[str, Any] = {}
+    skipped = [p for p in requested if p not in applied]
+    if skipped:
+        row["skipped_for_multilabel"] = skipped
+    both = {**sharded, **gathered}
+    for prefix in ("knn", "linear_", "lowshot_", "kmeans_", "linear_reference_"):
+        for key, value in both.items():
+            reference = key.startswith("linear_reference_") and prefix == "linear_"
+            if key.startswith(prefix) and not reference:
+                row.setdefault(key, value)
     return row
