@@ -254,3 +254,61 @@ def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def sigterm_at_first_extraction(monkeypatch, owner: type, name: str) -> list[int]:
+    """Patch ``owner.name`` (an encoder forward) to send SIGTERM to this process on its first
+    call in inference mode (an extraction), as a scheduler's preemption notice would."""
+    real = getattr(owner, name)
+    sent: list[int] = []
+
+    def forward(self, x):
+        if torch.is_inference_mode_enabled() and not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, x)
+
+    monkeypatch.setattr(owner, name, forward)
+    return sent
+
+
+def test_sigterm_during_the_estep_exits_3_and_the_resume_reproduces_the_run(
+    tmp_path, tiny_dataset_dir, monkeypatch
+):
+    from pcl_scale.cli import main
+    from pcl_scale.core.model import PCLModel
+
+    extra = {"optim.epochs": 3, "run.checkpoint_every": 1}
+    straight = train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "a", **extra)))
+    out = tmp_path / "b"
+    recipe = tmp_path / "recipe.yaml"
+    save_config(load_config(None, tiny_overrides(tiny_dataset_dir, out, **extra)), recipe)
+    with monkeypatch.context() as patch:
+        sent = sigterm_at_first_extraction(patch, PCLModel, "embed")
+        assert main(["train", "--config", str(recipe)]) == EXIT_INTERRUPTED
+    assert sent == [1]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not any(r.get("event") == "estep" for r in records)  # stopped inside the first one
+    resumed = train(load_config(None, tiny_overrides(tiny_dataset_dir, out, **extra,
+                                                     **{"run.resume": "auto"})))  # fmt: skip
+    expected = {s: v for s, v in step_losses(straight.history).items() if s > 3}
+    assert step_losses(resumed.history) == expected  # bit for bit, E-step included
+
+
+def test_sigterm_during_the_final_evaluation_exits_3_and_the_resume_evaluates(
+    tmp_path, tiny_dataset_dir, monkeypatch
+):
+    from pcl_scale.cli import main
+
+    extra = {"optim.epochs": 2, "run.evaluate": "true", "data.eval_split": "test"}
+    out = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    save_config(load_config(None, tiny_overrides(tiny_dataset_dir, out, **extra)), recipe)
+    with monkeypatch.context() as patch:
+        sent = sigterm_at_first_extraction(patch, torch.nn.Flatten, "forward")  # raw pixels
+        assert main(["train", "--config", str(recipe)]) == EXIT_INTERRUPTED
+    assert sent == [1] and not (out / "export").exists()
+    resumed = train(load_config(None, tiny_overrides(tiny_dataset_dir, out, **extra,
+                                                     **{"run.resume": "auto"})))  # fmt: skip
+    assert resumed.epochs_run == 0 and resumed.evaluation is not None
+    assert (out / "export" / "model.safetensors").is_file()

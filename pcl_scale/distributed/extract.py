@@ -29,10 +29,18 @@ class ExtractOptions:
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
     progress: bool = False
     desc: str = "E-step"
+    # Asked every ``stop_every`` batches, on every rank at once: True ends the extraction with
+    # StopRequestedError (a preemption notice honoured inside the E-step and the evaluation).
+    stop: Callable[[], bool] | None = None
+    stop_every: int = 16
     # The encoder's forward is itself a collective (ZeRO-3 gathers parameters per layer): every
     # rank then runs the same number of forwards, and autograd's no_grad replaces inference
     # mode, whose tensors ZeRO-3 cannot re-partition.
     collective: bool = False
+
+
+class StopRequestedError(Exception):
+    """A stop was agreed by every rank during an extraction; nothing of it is kept."""
 
 
 def extract_shard(
@@ -46,15 +54,23 @@ def extract_shard(
 
     Returns:
         indices (n_local,) int64 and features (n_local, D) float32 on CPU.
+
+    Raises:
+        StopRequestedError: ``opts.stop`` returned True (on every rank at the same batch).
     """
     shard = Subset(dataset, range(comm.rank, len(dataset), comm.world_size))
     loader = DataLoader(shard, batch_size=opts.batch_size, num_workers=opts.num_workers)
     indices, feats = [], []
+    # every rank has this many batches: the stop agreement (a collective) is asked only there
+    common_batches = -(-(len(dataset) // comm.world_size) // opts.batch_size)
     grad_off = torch.no_grad() if opts.collective else torch.inference_mode()
     with grad_off, opts.autocast():
         for images, index in tqdm(loader, desc=opts.desc, disable=not opts.progress, leave=False):
             feats.append(embed(images.to(opts.device, non_blocking=True)).float().cpu())
             indices.append(index)
+            asked = opts.stop is not None and (len(feats) - 1) % opts.stop_every == 0
+            if asked and len(feats) <= common_batches and opts.stop():  # type: ignore[misc]
+                raise StopRequestedError
         # the largest shard's batch count; shards differ by at most one sample
         largest_shard = -(-len(dataset) // comm.world_size)
         lockstep = -(-largest_shard // opts.batch_size)

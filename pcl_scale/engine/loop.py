@@ -24,7 +24,7 @@ from pcl_scale.core.model import BackboneSpec, PCLModel
 from pcl_scale.data import IndexedImages, eval_transform, load_split, train_transform
 from pcl_scale.distributed.comm import Comm
 from pcl_scale.distributed.estep import ClusteringPlan, choose_mode, estep
-from pcl_scale.distributed.extract import ExtractOptions
+from pcl_scale.distributed.extract import ExtractOptions, StopRequestedError
 from pcl_scale.engine.checkpoint import Layout, agreed_resume, load_checkpoint, save_checkpoint
 from pcl_scale.engine.evaluate import evaluate, monitor_knn
 from pcl_scale.engine.export import export_backbone, push_to_hub
@@ -43,7 +43,13 @@ from pcl_scale.engine.runtime import (
     unwrap,
     zero_stage,
 )
-from pcl_scale.engine.seeding import SeedStream, derive_seed, seed_everything
+from pcl_scale.engine.seeding import (
+    SeedStream,
+    derive_seed,
+    restore_rng_state,
+    rng_state,
+    seed_everything,
+)
 from pcl_scale.engine.signals import StopRequest
 from pcl_scale.engine.tracking import JsonlLogger, flat_config
 from pcl_scale.evaluation.tables import flatten_evaluation
@@ -112,7 +118,13 @@ def run_epochs(run: Run) -> RunResult:
     start_epoch = run.state.epoch
     train_view = run.view(train_transform(run.cfg.data))
     for epoch in range(start_epoch, run.cfg.optim.epochs):
-        run.clusters = maybe_estep(run, epoch)
+        before_estep = rng_state()
+        try:
+            run.clusters = maybe_estep(run, epoch)
+        except StopRequestedError:  # resumable as if the E-step had not begun
+            restore_rng_state(before_estep)
+            save(run)
+            return interrupted(run, epoch - start_epoch)
         ctx, batches = epoch_context(run, epoch), loader(run, train_view, epoch)
         if not train_one_epoch(ctx, batches, run.stop, run.run_dir):  # stopped by a signal
             return interrupted(run, epoch - start_epoch)
@@ -139,7 +151,7 @@ def setup(cfg: Config, accelerator: Any, stop: StopRequest) -> Run:
     run = Run(
         cfg, accelerator, comm, stop, train_ds, model, optimizer, layout,
         JsonlLogger(run_dir / METRICS_FILE, accelerator, comm.is_main),
-        extract_options(cfg, accelerator, comm), state, clusters, resumed,
+        extract_options(cfg, accelerator, comm, stop), state, clusters, resumed,
     )  # fmt: skip
     if not resumed and cfg.pcl.queue_init == "keys":
         initial_queue(run)
@@ -193,9 +205,10 @@ def resume(
     return state, clusters, True
 
 
-def extract_options(cfg: Config, accelerator: Any, comm: Comm) -> ExtractOptions:
-    """How the E-step and evaluation run the encoders over a dataset."""
+def extract_options(cfg: Config, accelerator: Any, comm: Comm, stop: StopRequest) -> ExtractOptions:
+    """How the E-step and evaluation run the encoders over a dataset (a stop ends them)."""
     return ExtractOptions(
+        stop=lambda: stop.agreed(comm),
         batch_size=cfg.estep.batch_size or 5 * local_batch_size(cfg, comm.world_size),
         num_workers=cfg.data.num_workers,
         device=accelerator.device,
@@ -292,13 +305,18 @@ def end_of_epoch(run: Run, epoch: int) -> None:
             run.logger.log({"event": "knn", "epoch": epoch, **knn}, step=state.global_step)
     last = state.epoch == cfg.optim.epochs
     if last or state.epoch % cfg.run.checkpoint_every == 0:
-        save_checkpoint(run.accelerator, run.run_dir, state, run.clusters,
-                        cfg.run.keep_checkpoints, run.comm, run.layout)  # fmt: skip
+        save(run)
     if cfg.run.export_every and state.epoch % cfg.run.export_every == 0 and not last:
         weights = model_state(run.accelerator, run.model)
         if run.comm.is_main:
             export_backbone(weights, cfg, run.run_dir / f"export_epoch_{state.epoch:04d}")
         run.comm.barrier()
+
+
+def save(run: Run) -> None:
+    """A resume checkpoint of where the run stands (collective)."""
+    save_checkpoint(run.accelerator, run.run_dir, run.state, run.clusters,
+                    run.cfg.run.keep_checkpoints, run.comm, run.layout)  # fmt: skip
 
 
 def interrupted(run: Run, epochs_run: int) -> RunResult:
@@ -315,7 +333,10 @@ def finish(run: Run, start_epoch: int) -> RunResult:
     cfg, comm = run.cfg, run.comm
     evaluation = None
     if cfg.run.evaluate and cfg.data.label_column:
-        evaluation = evaluate(cfg, run.accelerator, run.model, comm, run.extract, run.train_ds)
+        try:  # the last epoch's checkpoint is written: a resume evaluates again
+            evaluation = evaluate(cfg, run.accelerator, run.model, comm, run.extract, run.train_ds)
+        except StopRequestedError:
+            return interrupted(run, cfg.optim.epochs - start_epoch)
         if evaluation is not None:
             record = {"event": "evaluation", **flatten_evaluation(evaluation)}
             run.logger.log(record, step=run.state.global_step)

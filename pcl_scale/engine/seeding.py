@@ -35,3 +35,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, object]:
+    """Python's, numpy's and torch's (CPU and CUDA) global RNG states, to go back to later."""
+    state: dict[str, object] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, object]) -> None:
+    """Undo every global draw made since :func:`rng_state` (e.g. an interrupted E-step's)."""
+    random.setstate(state["python"])  # type: ignore[arg-type]
+    np.random.set_state(state["numpy"])  # type: ignore[arg-type]
+    torch.set_rng_state(state["torch"])  # type: ignore[arg-type]
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])  # type: ignore[arg-type]
