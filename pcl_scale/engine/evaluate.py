@@ -109,7 +109,8 @@ def monitor_knn(
     if not (cfg.data.label_column and cfg.data.eval_split):
         return None
     splits = [train_ds, load_split(cfg.data, cfg.data.eval_split)]
-    shards = labelled_shards(cfg, accelerator, model, comm, extract, splits, False)
+    uninterrupted = dataclasses.replace(extract, stop=None)  # a stop waits for the next step
+    shards = labelled_shards(cfg, accelerator, model, comm, uninterrupted, splits, False)
     gallery, queries = shards.learned
     return sharded_knn_scores(gallery, queries, shards.num_classes, comm)
 
