@@ -49,3 +49,23 @@ def test_kmeans_on_cuda_matches_the_chunked_objective(monkeypatch):
     plain = kmeans(x, 500, niter=10, seed=0)
     objective = [float(r.distances.sum()) for r in (fused, plain)]
     assert abs(objective[0] - objective[1]) / objective[1] < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_assignment_past_two_to_the_31_elements(monkeypatch):
+    """17M rows x 128: offsets past 2^31 elements, which int32 addressing would wrap."""
+    import pcl_scale.core.kmeans as km
+
+    if not km.fused_assign_available():
+        pytest.skip("needs Triton")
+    n, d = 2**24 + 2**20, 128  # 2.28e9 elements of x
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1)
+    c = F.normalize(torch.randn(256, d, device="cuda", generator=g), dim=1)
+    fused_a, fused_d = assign(x, c)
+    tail = slice(n - 200_000, n)  # rows whose offsets are past 2^31
+    monkeypatch.setattr(km, "USE_FUSED_ASSIGN", False)
+    plain_a, _ = assign(x[tail].contiguous(), c)
+    assert float((fused_a[tail] == plain_a).float().mean()) > 0.995
+    assert torch.allclose(fused_d[tail], (x[tail] - c[fused_a[tail]]).pow(2).sum(1), atol=1e-5)
