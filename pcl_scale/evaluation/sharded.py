@@ -36,7 +36,7 @@ class Shard:
 
 
 def local_neighbours(
-    queries: Tensor, gallery: Tensor, ids: Tensor, k: int, chunk: int = 1 << 16
+    queries: Tensor, gallery: Tensor, ids: Tensor, k: int, chunk: int = 1 << 14
 ) -> tuple[Tensor, Tensor]:
     """The k most similar gallery rows of each query: (m, k) similarities and gallery ids.
 
@@ -66,7 +66,7 @@ def _chunk_neighbours(
     above = scores > boundary
     at = scores == boundary
     room = kk - above.sum(1, keepdim=True)  # how many of the tied rows are kept
-    keep = above | (at & (torch.cumsum(at, 1) <= room))  # exactly kk per row
+    keep = above | (at & (torch.cumsum(at, 1, dtype=torch.int32) <= room))  # exactly kk per row
     pos = keep.nonzero()[:, 1].view(-1, kk)  # ascending positions, so ascending ids
     sims = scores.gather(1, pos)
     order = sims.argsort(dim=1, descending=True, stable=True)  # ties keep the id order
@@ -158,7 +158,12 @@ def sharded_knn_scores(
 
 
 def sharded_kmeans_scores(
-    shards: list[Shard], sizes: list[int], num_clusters: int, comm: Comm, seed: int = 0
+    shards: list[Shard],
+    sizes: list[int],
+    num_clusters: int,
+    comm: Comm,
+    seed: int = 0,
+    options: KMeansOptions = KMEANS_SCORES,
 ) -> dict[str, float]:
     """k-means (K = ``num_clusters``) over the splits together, sharded; NMI, AMI, ARI, acc (%).
 
@@ -170,8 +175,8 @@ def sharded_kmeans_scores(
     index = torch.cat([s.index + off for s, off in zip(shards, offsets, strict=True)])
     labels = torch.cat([s.labels for s in shards]).long().cpu()
     num_classes = _max_over_ranks(int(labels.max()) + 1 if labels.numel() else 0, comm)
-    options = dataclasses.replace(KMEANS_SCORES, seed=seed)
-    res = kmeans_sharded(x, index, sum(sizes), num_clusters, comm.all_reduce_sum, options)
+    seeded = dataclasses.replace(options, seed=seed)
+    res = kmeans_sharded(x, index, sum(sizes), num_clusters, comm.all_reduce_sum, seeded)
     cells = res.assignments.long().cpu() * num_classes + labels
     table = torch.bincount(cells, minlength=num_clusters * num_classes).double()
     table = comm.all_reduce_sum(table).view(num_clusters, num_classes)  # (clusters, classes)
