@@ -263,6 +263,13 @@ class EvalConfig:
     linear_epochs: int = field(
         default=100, metadata=_help("linear_reference: epochs (lr decays at 60% and 80%)")
     )
+    probe_max_samples: int = field(
+        default=100_000,
+        metadata=_help(
+            "the linear and low-shot probes fit on a seeded sample of at most this many training "
+            "images, assembled on rank 0 (0 = all); the report states the size"
+        ),
+    )
     run_dir: str = field(default="", metadata=_help("also score this run's prototypes ('' = no)"))
     json: str = field(default="", metadata=_help("also write the report to this file"))
     seed: int = field(default=0, metadata=_help("seed of the probes and samples"))

@@ -159,7 +159,8 @@ def validate_eval(cfg: Config) -> None:
     if not e.lowshot_ks or min(e.lowshot_ks) <= 0:
         raise ConfigError(f"eval.lowshot_ks={e.lowshot_ks} must be positive counts, e.g. [1,2,4]")
     for name, value in {"data.max_samples": cfg.data.max_samples,
-                        "data.num_workers": cfg.data.num_workers}.items():  # fmt: skip
+                        "data.num_workers": cfg.data.num_workers,
+                        "eval.probe_max_samples": e.probe_max_samples}.items():  # fmt: skip
         if value < 0:
             raise ConfigError(f"{name}={value} must be >= 0")
     if not cfg.data.eval_split:

@@ -240,3 +240,20 @@ def test_all_gather_by_index_places_every_strided_shard(n, world):
 
     if world == 2:
         run_ranks(world, wrong_shard)
+
+
+def test_gather_rows_assembles_a_sample_on_rank_0_only():
+    from pcl_scale.distributed.extract import gather_rows
+
+    from .fakes import run_ranks
+
+    x = features(50)
+    wanted = torch.tensor([0, 3, 4, 17, 31, 49])
+
+    def rank_main(comm):
+        mine = torch.arange(comm.rank, 50, 3)
+        return gather_rows(mine, x[mine], wanted, comm)
+
+    out = run_ranks(3, rank_main)
+    assert out[1] is None and out[2] is None
+    assert torch.equal(out[0], x[wanted])

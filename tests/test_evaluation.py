@@ -200,3 +200,17 @@ def test_eval_help_lists_the_data_and_eval_options(capsys):
     assert "eval.protocols=[knn,linear,lowshot,cluster]" in out
     assert "data.eval_split=test" in out and "data.source=digits" in out
     assert "optim.lr" not in out  # training options are not eval's
+
+
+def test_probes_fit_on_a_bounded_sample_and_say_so(tiny_run, module_tiny_dataset_dir, tmp_path):
+    sizes = {}
+    for limit in (0, 24):
+        out = tmp_path / f"probe{limit}.json"
+        args = eval_args(tiny_run, module_tiny_dataset_dir, "eval.protocols=[linear,lowshot]",
+                         f"eval.probe_max_samples={limit}", f"eval.json={out}")  # fmt: skip
+        assert main(args) == 0
+        report = json.loads(out.read_text())
+        assert "linear_top1" in report["pcl backbone"]
+        sizes[limit] = {name: row["probe_train_samples"] for name, row in report.items()}
+    assert sizes == {0: {"raw pixels": 48, "pcl backbone": 48},
+                     24: {"raw pixels": 24, "pcl backbone": 24}}  # fmt: skip

@@ -121,6 +121,31 @@ def gather_by_index(indices: Tensor, feats: Tensor, n: int, comm: Comm) -> Tenso
     return out
 
 
+def gather_rows(indices: Tensor, feats: Tensor, wanted: Tensor, comm: Comm) -> Tensor | None:
+    """The rows with global indices ``wanted`` (S,), ascending, on rank 0 in that order.
+
+    Each rank sends only its rows of the sample (padded to the largest share), so rank 0's
+    memory and everyone's traffic are O(S) whatever N. None on the other ranks.
+    """
+    mine = torch.isin(indices, wanted)
+    idx, val = indices[mine], feats[mine]
+    width = int(comm.all_gather_cat(torch.tensor([idx.numel()])).max())
+    pad = width - idx.numel()
+    idx = torch.cat([idx, torch.full((pad,), -1, dtype=idx.dtype)])
+    val = torch.cat([val, val.new_zeros(pad, feats.shape[1])])
+    all_idx, all_val = comm.gather_to_main(idx), comm.gather_to_main(val)
+    if all_idx is None or all_val is None:
+        return None
+    flat_idx, flat_val = torch.cat(all_idx), torch.cat(all_val)
+    keep = flat_idx >= 0
+    flat_idx, flat_val = flat_idx[keep], flat_val[keep]
+    if flat_idx.numel() != wanted.numel():
+        raise RuntimeError(f"sample coverage check failed: {flat_idx.numel()} of {wanted.numel()}")
+    out = torch.empty(wanted.numel(), feats.shape[1], dtype=feats.dtype)
+    out[torch.searchsorted(wanted, flat_idx)] = flat_val
+    return out
+
+
 def all_gather_by_index(indices: Tensor, values: Tensor, n: int, comm: Comm) -> Tensor:
     """(N,) values on every rank from each rank's strided shard ``range(rank, N, world)``.
 

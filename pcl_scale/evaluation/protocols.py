@@ -22,7 +22,12 @@ from pcl_scale.artifacts import CLUSTERS_FILE, find_latest, load_exported_backbo
 from pcl_scale.config import DataConfig, EvalConfig
 from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
 from pcl_scale.distributed.comm import Comm
-from pcl_scale.distributed.extract import ExtractOptions, extract_shard, gather_by_index
+from pcl_scale.distributed.extract import (
+    ExtractOptions,
+    extract_shard,
+    gather_by_index,
+    gather_rows,
+)
 from pcl_scale.errors import UserError
 from pcl_scale.evaluation.linear_probe import ReferenceSchedule, linear_probe, linear_reference
 from pcl_scale.evaluation.lowshot import lowshot_svm
@@ -88,13 +93,16 @@ def evaluate_export(
         sharded = sharded_protocols(shards, labels, protocols, options.seed, comm)
         gathered: dict[str, Any] = {}
         if {"linear", "lowshot", "linear_reference"} & set(protocols):
-            full = [
-                gather_by_index(i, f, len(v), comm) for (i, f), v in zip(shards, views, strict=True)
-            ]
-            if comm.is_main:  # these protocols fit their classifiers on rank 0
+            sample = probe_sample(len(labels[0]), options.probe_max_samples, options.seed)
+            train = gather_rows(*shards[0], sample, comm)  # bounded: the probes' sample
+            queries = gather_by_index(*shards[1], len(views[1]), comm)
+            if train is not None and queries is not None:  # rank 0 fits the probes
                 with comm.idle_host_threads():  # the other ranks wait at the barrier below
-                    ready = [f for f in full if f is not None]
-                    gathered = gathered_protocols(ready, labels, protocols, options)
+                    probe_labels = [labels[0][sample], labels[1]]
+                    gathered = gathered_protocols(
+                        [train, queries], probe_labels, protocols, options
+                    )
+                    gathered["probe_train_samples"] = int(sample.numel())
                     if "linear_reference" in protocols:
                         gathered.update(
                             reference_linear(
@@ -169,6 +177,13 @@ def linear_train_transform(data: DataConfig) -> Any:
     )
 
 
+def probe_sample(n: int, limit: int, seed: int) -> torch.Tensor:
+    """Ascending training indices the probes fit on: all, or a seeded sample of ``limit``."""
+    if not limit or n <= limit:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
 def applicable(requested: list[str], train_labels: torch.Tensor) -> list[str]:
     """The protocols that apply: multi-label (N, C) targets get the low-shot protocol only."""
     if train_labels.ndim == 2:
@@ -233,7 +248,7 @@ def ordered_row(
     if skipped:
         row["skipped_for_multilabel"] = skipped
     both = {**sharded, **gathered}
-    for prefix in ("knn", "linear_", "lowshot_", "kmeans_", "linear_reference_"):
+    for prefix in ("knn", "linear_", "lowshot_", "kmeans_", "linear_reference_", "probe_"):
         for key, value in both.items():
             reference = key.startswith("linear_reference_") and prefix == "linear_"
             if key.startswith(prefix) and not reference:
