@@ -93,3 +93,43 @@ def test_estep_embeds_with_the_encoder_in_eval_mode(tiny_dataset_dir, tmp_path, 
     monkeypatch.setattr(PCLModel, "embed", recording)
     train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "run")))
     assert modes and not any(modes), modes  # two E-steps (epochs 1 and 2), every batch in eval
+
+
+def test_phase_logs_how_long_rank_0_worked_alone():
+    import time
+
+    from pcl_scale.engine.tracking import phase
+
+    from .fakes import run_ranks
+
+    class Records:
+        def __init__(self) -> None:
+            self.records: list[dict] = []
+
+        def log(self, record, step):
+            self.records.append(record)
+
+    def rank_main(comm):
+        logger = Records()
+        with phase(logger, comm, "checkpoint", 7):  # type: ignore[arg-type]
+            if comm.is_main:
+                time.sleep(0.3)  # work only rank 0 does while the others wait
+        return logger.records[0]
+
+    rank0, rank1 = run_ranks(2, rank_main)
+    for record in (rank0, rank1):  # every rank logs the same rank-0-alone figure
+        assert record["event"] == "phase" and record["phase"] == "checkpoint"
+        assert 0.25 <= record["rank0_alone_s"] == rank0["rank0_alone_s"]
+    assert rank0["seconds"] >= 0.3 > rank1["seconds"]
+
+
+def test_a_run_logs_every_waiting_phase(tiny_dataset_dir, tmp_path):
+    import json
+
+    extra = {"run.evaluate": "true", "data.eval_split": "test", "run.knn_every": 2}
+    train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "run", **extra)))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    phases = [r["phase"] for r in map(json.loads, lines) if r.get("event") == "phase"]
+    assert phases.count("estep") == 2 and phases.count("checkpoint") == 3
+    assert {"knn", "evaluation", "export"} <= set(phases)
+    assert all(r["rank0_alone_s"] == 0.0 for r in map(json.loads, lines) if "rank0_alone_s" in r)

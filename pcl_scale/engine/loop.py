@@ -51,7 +51,7 @@ from pcl_scale.engine.seeding import (
     seed_everything,
 )
 from pcl_scale.engine.signals import StopRequest
-from pcl_scale.engine.tracking import JsonlLogger, flat_config
+from pcl_scale.engine.tracking import JsonlLogger, flat_config, phase
 from pcl_scale.evaluation.tables import flatten_evaluation
 from pcl_scale.validation import validate, validate_for_data
 
@@ -251,7 +251,8 @@ def maybe_estep(run: Run, epoch: int) -> ClusterResult | None:
         run.accelerator.print(
             f"E-step: {plan.mode} mode ({mode}); {choices['backend']} ({backend})"
         )
-    report = estep(inner.embed, eval_view, run.comm, run.extract, plan)
+    with phase(run.logger, run.comm, "estep", run.state.global_step):
+        report = estep(inner.embed, eval_view, run.comm, run.extract, plan)
     inner.train()
     record = {"event": "estep", "epoch": epoch, **report.record, **choices}
     run.logger.log(record, run.state.global_step)
@@ -300,17 +301,25 @@ def end_of_epoch(run: Run, epoch: int) -> None:
     cfg, state = run.cfg, run.state
     state.epoch, state.step_in_epoch = epoch + 1, 0
     if cfg.run.knn_every and state.epoch % cfg.run.knn_every == 0:
-        knn = monitor_knn(cfg, run.accelerator, run.model, run.comm, run.extract, run.train_ds)
+        with phase(run.logger, run.comm, "knn", state.global_step):
+            knn = monitor_knn(cfg, run.accelerator, run.model, run.comm, run.extract, run.train_ds)
         if knn is not None:
             run.logger.log({"event": "knn", "epoch": epoch, **knn}, step=state.global_step)
     last = state.epoch == cfg.optim.epochs
     if last or state.epoch % cfg.run.checkpoint_every == 0:
-        save(run)
+        with phase(run.logger, run.comm, "checkpoint", state.global_step):
+            save(run)
     if cfg.run.export_every and state.epoch % cfg.run.export_every == 0 and not last:
-        weights = model_state(run.accelerator, run.model)
-        if run.comm.is_main:
-            export_backbone(weights, cfg, run.run_dir / f"export_epoch_{state.epoch:04d}")
-        run.comm.barrier()
+        with phase(run.logger, run.comm, "export", state.global_step):
+            publish(run, run.run_dir / f"export_epoch_{state.epoch:04d}")
+
+
+def publish(run: Run, out_dir: Path, metrics: dict[str, Any] | None = None) -> Path | None:
+    """The export of the current weights, written by rank 0 (collective: ZeRO-3 consolidates)."""
+    weights = model_state(run.accelerator, run.model)
+    if not run.comm.is_main:
+        return None
+    return export_backbone(weights, run.cfg, out_dir, metrics)
 
 
 def save(run: Run) -> None:
@@ -334,21 +343,18 @@ def finish(run: Run, start_epoch: int) -> RunResult:
     evaluation = None
     if cfg.run.evaluate and cfg.data.label_column:
         try:  # the last epoch's checkpoint is written: a resume evaluates again
-            evaluation = evaluate(cfg, run.accelerator, run.model, comm, run.extract, run.train_ds)
+            with phase(run.logger, comm, "evaluation", run.state.global_step):
+                evaluation = evaluate(cfg, run.accelerator, run.model, comm, run.extract,
+                                      run.train_ds)  # fmt: skip
         except StopRequestedError:
             return interrupted(run, cfg.optim.epochs - start_epoch)
         if evaluation is not None:
             record = {"event": "evaluation", **flatten_evaluation(evaluation)}
             run.logger.log(record, step=run.state.global_step)
-    export_dir = None
-    weights = model_state(run.accelerator, run.model)
-    if comm.is_main:
-        export_dir = export_backbone(
-            weights, cfg, run.run_dir / "export", flatten_evaluation(evaluation)
-        )
-        if cfg.run.hub_repo_id:
-            push_to_hub(export_dir, cfg.run.hub_repo_id)
-    comm.barrier()
+    with phase(run.logger, comm, "export", run.state.global_step):
+        export_dir = publish(run, run.run_dir / "export", flatten_evaluation(evaluation))
+    if export_dir is not None and cfg.run.hub_repo_id:
+        push_to_hub(export_dir, cfg.run.hub_repo_id)
     if cfg.run.trackers:
         run.accelerator.end_training()
     return RunResult(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,24 @@ class Meter:
             accelerator.reduce(local, reduction="mean") if accelerator.num_processes > 1 else local
         )
         return {k: float(v) for k, v in zip(keys, mean.tolist(), strict=True)}
+
+
+@contextlib.contextmanager
+def phase(logger: JsonlLogger, comm: Comm, name: str, step: int) -> Iterator[None]:
+    """Time a phase that every rank runs, and log how long rank 0 worked alone in it.
+
+    "Alone" is the time rank 0 still worked after every other rank had finished: their shortest
+    wait in the barrier that closes the phase (0 on one process). A phase whose rank-0 work grows
+    with N shows it here long before a collective times out.
+    """
+    start = time.perf_counter()
+    yield
+    done = time.perf_counter()
+    comm.barrier()
+    waits = comm.all_gather_cat(torch.tensor([time.perf_counter() - done], dtype=torch.float64))
+    alone = float(waits[1:].min()) if comm.world_size > 1 else 0.0
+    record = {"event": "phase", "phase": name, "seconds": done - start, "rank0_alone_s": alone}
+    logger.log(record, step=step)
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:
