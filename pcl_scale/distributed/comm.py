@@ -125,6 +125,10 @@ class Comm:
         dist.all_to_all_single(out, src)
         return out.to(t.device)
 
+    def max_over_ranks(self, value: int) -> int:
+        """The largest ``value`` of any rank (collective), e.g. a padded width."""
+        return int(self.all_gather_cat(torch.tensor([value])).max())
+
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         """Sum over ranks, in place; returns ``t``."""
         if self.enabled:

@@ -99,16 +99,10 @@ def gather_by_index(indices: Tensor, feats: Tensor, n: int, comm: Comm) -> Tenso
     Shards differ in size by at most one row; they are padded with index -1 for the collective
     and the padding is dropped by index. Raises when any index is missing or repeated.
     """
-    width = -(-n // comm.world_size)  # ceil
-    pad = width - indices.shape[0]
-    idx = torch.cat([indices, torch.full((pad,), -1, dtype=torch.long)])
-    val = torch.cat([feats, feats.new_zeros(pad, feats.shape[1])])
-    all_idx, all_val = comm.gather_to_main(idx), comm.gather_to_main(val)
-    if all_idx is None or all_val is None:
+    gathered = _gather_padded(indices, feats, -(-n // comm.world_size), comm)  # ceil
+    if gathered is None:
         return None
-    flat_idx, flat_val = torch.cat(all_idx), torch.cat(all_val)
-    keep = flat_idx >= 0
-    flat_idx, flat_val = flat_idx[keep], flat_val[keep]
+    flat_idx, flat_val = gathered
     counts = torch.bincount(flat_idx, minlength=n)
     if flat_idx.numel() != n or counts.numel() != n or not bool((counts == 1).all()):
         missing = int((counts[:n] == 0).sum())
@@ -129,16 +123,10 @@ def gather_rows(indices: Tensor, feats: Tensor, wanted: Tensor, comm: Comm) -> T
     """
     mine = torch.isin(indices, wanted)
     idx, val = indices[mine], feats[mine]
-    width = int(comm.all_gather_cat(torch.tensor([idx.numel()])).max())
-    pad = width - idx.numel()
-    idx = torch.cat([idx, torch.full((pad,), -1, dtype=idx.dtype)])
-    val = torch.cat([val, val.new_zeros(pad, feats.shape[1])])
-    all_idx, all_val = comm.gather_to_main(idx), comm.gather_to_main(val)
-    if all_idx is None or all_val is None:
+    gathered = _gather_padded(idx, val, comm.max_over_ranks(idx.numel()), comm)
+    if gathered is None:
         return None
-    flat_idx, flat_val = torch.cat(all_idx), torch.cat(all_val)
-    keep = flat_idx >= 0
-    flat_idx, flat_val = flat_idx[keep], flat_val[keep]
+    flat_idx, flat_val = gathered
     if flat_idx.numel() != wanted.numel():
         raise RuntimeError(f"sample coverage check failed: {flat_idx.numel()} of {wanted.numel()}")
     out = torch.empty(wanted.numel(), feats.shape[1], dtype=feats.dtype)
@@ -162,3 +150,19 @@ def all_gather_by_index(indices: Tensor, values: Tensor, n: int, comm: Comm) -> 
     padded = torch.cat([values.cpu(), values.new_zeros(width - values.shape[0]).cpu()])
     gathered = comm.all_gather_cat(padded).view(comm.world_size, width)  # row r: rank r's shard
     return gathered.t().reshape(-1)[:n].clone()  # position j * W + r is index j * W + r
+
+
+def _gather_padded(
+    indices: Tensor, values: Tensor, width: int, comm: Comm
+) -> tuple[Tensor, Tensor] | None:
+    """Every rank's (index, row) pairs on rank 0, each share padded to ``width`` rows for the
+    collective (index -1) and the padding dropped; None on the other ranks."""
+    pad = width - indices.shape[0]
+    idx = torch.cat([indices.long(), torch.full((pad,), -1, dtype=torch.long)])
+    val = torch.cat([values, values.new_zeros(pad, values.shape[1])])
+    all_idx, all_val = comm.gather_to_main(idx), comm.gather_to_main(val)
+    if all_idx is None or all_val is None:
+        return None
+    flat_idx, flat_val = torch.cat(all_idx), torch.cat(all_val)
+    keep = flat_idx >= 0
+    return flat_idx[keep], flat_val[keep]

@@ -17,12 +17,16 @@ from safetensors.torch import save_file
 
 from pcl_scale.artifacts import EMBEDDINGS_FILE
 from pcl_scale.config import Config
-from pcl_scale.core.kmeans import fetch_rows
 from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
 from pcl_scale.distributed.comm import Comm
-from pcl_scale.distributed.extract import ExtractOptions, extract_shard
+from pcl_scale.distributed.extract import ExtractOptions, extract_shard, gather_rows
 from pcl_scale.engine.runtime import sync_buffers, unwrap
-from pcl_scale.evaluation.sharded import Shard, sharded_kmeans_scores, sharded_knn_scores
+from pcl_scale.evaluation.sharded import (
+    Shard,
+    concat_splits,
+    sharded_kmeans_scores,
+    sharded_knn_scores,
+)
 
 # The raw-pixel baseline is computed only when all eval images fit in this many float values.
 RAW_BASELINE_MAX_VALUES = 400_000_000
@@ -83,19 +87,16 @@ def save_embedding_sample(
 ) -> None:
     """A seeded random sample of the final backbone features with labels, for the run report.
 
-    The sampled rows are assembled on every rank from their owners (a bounded all-reduce).
+    Each rank sends only its rows of the sample to rank 0, which writes it.
     """
-    offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0)
-    x = torch.cat([s.feats.float().cpu() for s in shards])
-    index = torch.cat([s.index + off for s, off in zip(shards, offsets.tolist(), strict=True)])
-    labels = torch.cat([s.labels.float() for s in shards])[:, None]
+    joined = concat_splits(shards, sizes)
     g = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(sum(sizes), generator=g)[:EMBEDDING_SAMPLE]
-    features = fetch_rows(x, index, keep, comm.all_reduce_sum)
-    sample_labels = fetch_rows(labels, index, keep, comm.all_reduce_sum)[:, 0].round().long()
-    if comm.is_main:
-        save_file({"features": features.contiguous(), "labels": sample_labels.contiguous()},
-                  str(run_dir / EMBEDDINGS_FILE))  # fmt: skip
+    keep = torch.randperm(sum(sizes), generator=g)[:EMBEDDING_SAMPLE].sort().values
+    rows = torch.cat([joined.feats.cpu(), joined.labels.float()[:, None]], dim=1)  # (n, F + 1)
+    sample = gather_rows(joined.index, rows, keep, comm)
+    if sample is not None:  # rank 0
+        features, labels = sample[:, :-1].contiguous(), sample[:, -1].round().long()
+        save_file({"features": features, "labels": labels}, str(run_dir / EMBEDDINGS_FILE))
 
 
 def monitor_knn(

@@ -44,14 +44,12 @@ class EpochContext:
     layout: Layout
     autocast: Callable[[], Any] = field(init=False)
     loss: PCLLoss = field(init=False)
+    inner: PCLModel = field(init=False)  # the model inside its DDP/DeepSpeed wrapper
 
     def __post_init__(self) -> None:
         self.autocast = autocast_context(self.accelerator, self.cfg)
         self.loss = PCLLoss(self.cfg.pcl.temperature, self.cfg.pcl.r)
-
-    @property
-    def inner(self) -> PCLModel:
-        return unwrap(self.accelerator, self.model)
+        self.inner = unwrap(self.accelerator, self.model)
 
     def checkpoint(self, run_dir: Path) -> None:
         save_checkpoint(

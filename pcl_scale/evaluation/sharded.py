@@ -110,7 +110,7 @@ def sharded_neighbours(
     """
     w, d = comm.world_size, queries.shape[1]
     block = max(1, rows_per_round // w)
-    rounds = -(-_max_over_ranks(queries.shape[0], comm) // block)
+    rounds = -(-comm.max_over_ranks(queries.shape[0]) // block)
     g = F.normalize(gallery.feats.float(), dim=1)
     q_all = F.normalize(queries.float(), dim=1)
     out_sims, out_labels = [], []
@@ -170,17 +170,26 @@ def sharded_kmeans_scores(
     ``sizes`` are the splits' global row counts: split s's rows follow those of the splits before.
     The k-means++ seeding draws from a sample of 8 K rows, so no rank runs K passes over N.
     """
-    offsets = np.cumsum([0, *sizes[:-1]]).tolist()
-    x = torch.cat([s.feats.float() for s in shards])
-    index = torch.cat([s.index + off for s, off in zip(shards, offsets, strict=True)])
-    labels = torch.cat([s.labels for s in shards]).long().cpu()
-    num_classes = _max_over_ranks(int(labels.max()) + 1 if labels.numel() else 0, comm)
+    joined = concat_splits(shards, sizes)
+    x, index, labels = joined.feats, joined.index, joined.labels.long().cpu()
+    num_classes = comm.max_over_ranks(int(labels.max()) + 1 if labels.numel() else 0)
     seeded = dataclasses.replace(options, seed=seed)
     res = kmeans_sharded(x, index, sum(sizes), num_clusters, comm.all_reduce_sum, seeded)
     cells = res.assignments.long().cpu() * num_classes + labels
     table = torch.bincount(cells, minlength=num_clusters * num_classes).double()
     table = comm.all_reduce_sum(table).view(num_clusters, num_classes)  # (clusters, classes)
     return scores_from_contingency(table.numpy())
+
+
+def concat_splits(shards: list[Shard], sizes: list[int]) -> Shard:
+    """This rank's rows of several splits as one, split s's global indices after the earlier
+    splits' ``sizes``."""
+    offsets = np.cumsum([0, *sizes[:-1]]).tolist()
+    return Shard(
+        torch.cat([s.feats.float() for s in shards]),
+        torch.cat([s.index + off for s, off in zip(shards, offsets, strict=True)]),
+        torch.cat([s.labels for s in shards]),
+    )
 
 
 def scores_from_contingency(table: np.ndarray) -> dict[str, float]:
@@ -215,12 +224,6 @@ def scores_from_contingency(table: np.ndarray) -> dict[str, float]:
     expected = a * b / float(comb(n, 2))
     ari = (pairs - expected) / ((a + b) / 2 - expected) if (a + b) / 2 != expected else 1.0
     return {"nmi": float(nmi), "ami": float(ami), "ari": float(ari), "acc": acc}
-
-
-def _max_over_ranks(value: int, comm: Comm) -> int:
-    """The largest ``value`` of any rank (all ranks call it)."""
-    every = comm.all_gather_cat(torch.tensor([value]))
-    return int(every.max())
 
 
 def _positions(ids: Tensor, index: Tensor) -> Tensor:
