@@ -162,6 +162,13 @@ class EStepConfig:
         default=0,
         metadata=_help("k-means seed; every (granularity, restart) gets its own seed from it"),
     )
+    faiss_gpus: list[int] = field(
+        default_factory=list,
+        metadata=_help(
+            "GPUs faiss-gpu clusters on in gather mode ([] = rank 0's own GPU; other GPUs hold "
+            "other ranks' training memory)"
+        ),
+    )
 
 
 @dataclass

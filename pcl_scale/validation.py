@@ -16,6 +16,7 @@ from pcl_scale.config import (
     ConfigError,
     steps_per_epoch,
 )
+from pcl_scale.core.kmeans import faiss_gpu_count
 from pcl_scale.core.model import RESNETS, VITS
 
 _CHOICES = {
@@ -37,6 +38,28 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check_ranges(cfg)
     _check_views(cfg)
     _check_batch_and_clusters(cfg, world_size)
+    _check_faiss_gpus(cfg.estep.faiss_gpus, cfg.estep.backend)
+
+
+def _check_faiss_gpus(devices: list[int], backend: str) -> None:
+    """An explicit ``estep.faiss_gpus`` must name distinct GPUs that faiss-gpu can use."""
+    if not devices:
+        return
+    if backend == "torch":
+        raise ConfigError(
+            f"estep.faiss_gpus={devices} is read by the faiss backend only, but "
+            f"estep.backend='torch': set estep.backend=faiss or estep.faiss_gpus=[]"
+        )
+    available = faiss_gpu_count()
+    if available == 0:
+        raise ConfigError(
+            f"estep.faiss_gpus={devices} needs faiss-gpu, but faiss here has no GPUs (or is not "
+            f"installed): pip install 'pcl-scale[gpu]', or set estep.faiss_gpus=[]"
+        )
+    if len(set(devices)) != len(devices) or not all(0 <= d < available for d in devices):
+        raise ConfigError(
+            f"estep.faiss_gpus={devices} must list distinct GPU ids in 0..{available - 1}"
+        )
 
 
 def _check_choices(cfg: Config) -> None:

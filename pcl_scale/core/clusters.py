@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pcl_scale.core.concentration import concentration
-from pcl_scale.core.kmeans import KMeansOptions, granularity_seed, kmeans
+from pcl_scale.core.kmeans import KMeansOptions, granularity_seed, kmeans, resolve_backend
+from pcl_scale.core.kmeans_faiss import faiss_gpus_for
 from pcl_scale.core.negatives import NegativeSampler
 
 
@@ -134,7 +135,8 @@ def cluster_features(
     """Run k-means at every granularity and estimate phi, as the reference E-step does.
 
     Granularity m is seeded by ``granularity_seed(options.seed, m)``. Prototypes are the
-    L2-normalised centroids; phi uses distances to the un-normalised ones.
+    L2-normalised centroids; phi uses distances to the un-normalised ones. faiss-gpu's resources
+    are made once here for every granularity and restart, and freed on return.
 
     Args:
         features: (N, D) embeddings addressed by dataset index (row i = sample i).
@@ -142,10 +144,12 @@ def cluster_features(
         temperature: target mean of phi.
         options: the k-means hyperparameters.
     """
+    backend = resolve_backend(options.backend, features.device)[0]
+    gpus = faiss_gpus_for(options.faiss_gpus, features.device) if backend == "faiss" else None
     clusterings = []
     for m, k in enumerate(num_clusters):
         granularity = dataclasses.replace(options, seed=granularity_seed(options.seed, m))
-        res = kmeans(features, k, **dataclasses.asdict(granularity))
+        res = kmeans(features, k, **dataclasses.asdict(granularity), gpu_resources=gpus)
         phi = concentration(res.distances, res.assignments, k, temperature)
         assignments = res.assignments.int().cpu()  # (N,) int32, host memory
         clusterings.append(Clustering(F.normalize(res.centroids, dim=1), phi, assignments))

@@ -31,7 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pcl_scale.core.kmeans_faiss import faiss_available, faiss_gpu_count, faiss_lloyd_and_assign
+from pcl_scale.core.kmeans_faiss import (
+    FaissGpus,
+    faiss_available,
+    faiss_gpu_count,
+    faiss_gpus_for,
+    faiss_lloyd_and_assign,
+)
 from pcl_scale.core.seeds import mix_seed
 
 Backend = Literal["auto", "torch", "faiss"]
@@ -114,6 +120,7 @@ class KMeansOptions:
     backend: Backend = "torch"
     init: Init = "random"
     empty: EmptyPolicy = "reseed"
+    faiss_gpus: tuple[int, ...] = ()
 
 
 def kmeans(
@@ -129,6 +136,8 @@ def kmeans(
     empty: EmptyPolicy = "reseed",
     max_points_per_centroid: int | None = None,
     chunk_bytes: int | None = None,
+    faiss_gpus: tuple[int, ...] = (),
+    gpu_resources: FaissGpus | None = None,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` into ``k`` clusters with Lloyd's algorithm.
 
@@ -143,8 +152,8 @@ def kmeans(
         nredo: restarts, seeded by :func:`restart_seed`; the lowest objective is kept.
         spherical: unit-normalise centroids after each update.
         seed: seed of the initialisation (and of the empty-cluster reseeding).
-        backend: ``"torch"`` (built-in), ``"faiss"`` (faiss-cpu, or every visible GPU with
-            faiss-gpu and CUDA), or ``"auto"`` (faiss when it imports, torch otherwise).
+        backend: ``"torch"`` (built-in), ``"faiss"`` (faiss-cpu, or faiss-gpu on the GPU of
+            ``x``), or ``"auto"`` (:func:`resolve_backend`).
         init: ``"random"`` (k distinct seeded rows, as faiss and the reference) or
             ``"kmeans++"`` (D^2 sampling: better minima, but K sequential passes, so meant for
             small K). Computed here for both backends, so they start from the same centroids.
@@ -153,6 +162,9 @@ def kmeans(
             centroid (``None``: all points); the final assignment always covers all points.
         chunk_bytes: memory budget of one chunk of the N x K distance matrix (torch backend);
             ``None``: 64 MiB on CPU, 1 GiB on GPU.
+        faiss_gpus: devices faiss-gpu clusters on (``()``: the GPU of ``x``, if any).
+        gpu_resources: faiss GPU resources to reuse (an E-step makes them once for all its
+            granularities); ``None``: made here, once for all restarts.
 
     Returns:
         A :class:`KMeansResult` on ``x.device``.
@@ -170,6 +182,8 @@ def kmeans(
         )
 
     x = x.detach().float()
+    if backend == "faiss" and gpu_resources is None:
+        gpu_resources = faiss_gpus_for(faiss_gpus, x.device)
     best: KMeansResult | None = None
     for redo in range(nredo):
         # Both backends start from the same seeded initialisation, computed here.
@@ -178,7 +192,7 @@ def kmeans(
         centroids = _initial_centroids(train, k, init, spherical, gen)
         if backend == "faiss":
             centroids, assignments, distances = faiss_lloyd_and_assign(
-                x, train, centroids, niter, spherical
+                x, train, centroids, niter, spherical, gpu_resources
             )
         else:
             centroids = lloyd(train, centroids, niter, spherical, empty, gen, chunk_bytes)

@@ -278,6 +278,7 @@ def clustering_plan(run: Run) -> tuple[ClusteringPlan, dict[str, str]]:
         seed=e.seed,
         backend=backend,  # type: ignore[arg-type]
         init=e.init,  # type: ignore[arg-type]
+        faiss_gpus=tuple(e.faiss_gpus),
     )
     plan = ClusteringPlan(tuple(run.cfg.pcl.num_clusters), run.cfg.pcl.temperature, kmeans, mode)
     return plan, {"backend": backend, "backend_reason": backend_reason, "mode_reason": mode_reason}
