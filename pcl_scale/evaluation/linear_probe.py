@@ -10,18 +10,24 @@ Two protocols:
   eval mode, fresh fc with N(0, 0.01) weights, SGD lr 5.0, momentum 0.9, no weight decay, batch
   256, 100 epochs, x0.1 at 60 and 80, RandomResizedCrop + flip on the training images, the eval
   view on the test images, top-1 every epoch and the last epoch's reported (no selection). It
-  runs through the images on one process (``pcl-scale eval --protocols linear_reference``).
+  runs data-parallel over the processes (``pcl-scale eval eval.protocols=[linear_reference]``):
+  each rank embeds its share of every global batch, the fc gradients are all-reduced (K x D per
+  step, as DDP would), and each rank scores its stride of the test images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, Subset
 
+from pcl_scale.core.seeds import mix_seed
+from pcl_scale.distributed.comm import Comm
 from pcl_scale.evaluation.metrics import topk_accuracy
 
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -109,17 +115,47 @@ def _reference_lr(schedule: ReferenceSchedule, epoch: int) -> float:
     return schedule.lr * schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
 
 
+class GlobalBatchShare(torch.utils.data.Sampler[list[int]]):
+    """This rank's share (every W-th element) of each global batch of one epoch's permutation.
+
+    The permutation depends on (seed, epoch) only, so the union of the shares over W ranks is the
+    one-process batch; a last batch smaller than W (some rank would get nothing) is dropped.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, comm: Comm) -> None:
+        self.n, self.batch_size, self.comm = n, batch_size, comm
+        self.generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
+
+    def global_size(self, step: int) -> int:
+        """How many images global batch ``step`` holds over all ranks."""
+        return min(self.batch_size, self.n - step * self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=self.generator, dtype=torch.int32)
+        for step in range(len(self)):
+            batch = order[step * self.batch_size : (step + 1) * self.batch_size]
+            yield batch[self.comm.rank :: self.comm.world_size].tolist()
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + int(rest >= self.comm.world_size)
+
+
 def linear_reference(
     encoder: torch.nn.Module,
-    train_images: torch.utils.data.Dataset,
+    train_images: Any,
     train_labels: Tensor,
-    test_images: torch.utils.data.Dataset,
+    test_images: Any,
     test_labels: Tensor,
     schedule: ReferenceSchedule = ReferenceSchedule(),
     device: torch.device | None = None,
     seed: int = 0,
+    comm: Comm | None = None,
 ) -> dict[str, object]:
-    """Train a linear classifier on a frozen encoder through augmented images.
+    """Train a linear classifier on a frozen encoder through augmented images, data-parallel.
+
+    Every rank holds the same fc (same seeded init, all-reduced gradients of the summed loss over
+    the global batch); W processes take the one-process steps up to float summation order.
 
     Args:
         encoder: maps a (B, 3, H, W) batch to (B, F) features; kept in eval mode and unchanged.
@@ -127,51 +163,78 @@ def linear_reference(
         train_labels / test_labels: (N,) labels by dataset index.
 
     Returns:
-        ``top1``/``top5`` (%) of the last epoch and ``top1_per_epoch``.
+        ``top1``/``top5`` (%) of the last epoch and ``top1_per_epoch`` (the same on every rank).
     """
-    from torch.utils.data import DataLoader
-
+    comm = comm or Comm()
     device = device or torch.device("cpu")
     encoder = encoder.to(device).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
     before = [p.detach().clone() for p in encoder.parameters()]
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    with torch.no_grad():
-        probe = encoder(train_images[0][0][None].to(device))
-    torch.manual_seed(seed)
-    fc = torch.nn.Linear(probe.shape[1], num_classes).to(device)
-    torch.nn.init.normal_(fc.weight, std=0.01)
-    torch.nn.init.zeros_(fc.bias)
+    fc = _initial_fc(encoder, train_images, num_classes, seed, device)
     opt = torch.optim.SGD(
         fc.parameters(), schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
     )
-    loader = DataLoader(
-        train_images,
-        batch_size=schedule.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    test_loader = DataLoader(test_images, batch_size=schedule.batch_size)
+    test_share = Subset(test_images, range(comm.rank, len(test_images), comm.world_size))
     per_epoch, acc = [], {1: 0.0, 5: 0.0}
     for epoch in range(schedule.epochs):
         for group in opt.param_groups:
             group["lr"] = _reference_lr(schedule, epoch)
-        for images, index in loader:
-            with torch.no_grad():
-                feats = encoder(images.to(device))
-            loss = F.cross_entropy(fc(feats), train_labels[index].to(device))
+        share = GlobalBatchShare(len(train_images), schedule.batch_size, seed, epoch, comm)
+        for step, (images, index) in enumerate(DataLoader(train_images, batch_sampler=share)):
+            feats = _frozen(encoder, images, device)
+            targets = train_labels[index].long().to(device)
+            loss = F.cross_entropy(fc(feats), targets, reduction="sum")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for param in fc.parameters():  # the mean over the global batch, as on one process
+                assert param.grad is not None
+                param.grad = comm.all_reduce_sum(param.grad) / share.global_size(step)
             opt.step()
-        scores, targets = [], []
-        with torch.no_grad():
-            for images, index in test_loader:
-                scores.append(fc(encoder(images.to(device))).cpu())
-                targets.append(test_labels[index])
-        acc = topk_accuracy(torch.cat(scores), torch.cat(targets), (1, 5))
+        acc = sharded_topk(encoder, fc, test_share, test_labels, schedule.batch_size, device, comm)
         per_epoch.append(acc[1])
     unchanged = all(torch.equal(a, b) for a, b in zip(before, encoder.parameters(), strict=True))
     if not unchanged:
         raise RuntimeError("the frozen encoder changed during linear evaluation")
     return {"top1": acc[1], "top5": acc[5], "top1_per_epoch": per_epoch}
+
+
+def _frozen(encoder: torch.nn.Module, images: Tensor, device: torch.device) -> Tensor:
+    with torch.no_grad():
+        return encoder(images.to(device))
+
+
+def _initial_fc(
+    encoder: torch.nn.Module, images: Any, num_classes: int, seed: int, device: torch.device
+) -> torch.nn.Linear:
+    """A fresh fc, N(0, 0.01) weights and zero bias, from ``seed`` (the same on every rank)."""
+    width = _frozen(encoder, images[0][0][None], device).shape[1]
+    fc = torch.nn.Linear(width, num_classes).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        fc.weight.copy_(torch.randn(fc.weight.shape, generator=generator) * 0.01)
+        fc.bias.zero_()
+    return fc
+
+
+def sharded_topk(
+    encoder: torch.nn.Module,
+    fc: torch.nn.Module,
+    images: Any,
+    labels: Tensor,
+    batch_size: int,
+    device: torch.device,
+    comm: Comm,
+) -> dict[int, float]:
+    """Top-1/top-5 (%) over every rank's test images: hits counted locally, then all-reduced."""
+    hits = torch.zeros(3, dtype=torch.int64)  # top-1 hits, top-5 hits, images
+    with torch.no_grad():
+        for batch, index in DataLoader(images, batch_size=batch_size):
+            scores = fc(_frozen(encoder, batch, device)).cpu()
+            ranked = scores.argsort(dim=1, descending=True)[:, :5]
+            hit = ranked == labels[index].long()[:, None]
+            hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(index))])
+    hits = comm.all_reduce_sum(hits)
+    top1, top5, total = hits.tolist()
+    return {1: 100.0 * top1 / total, 5: 100.0 * top5 / total}

@@ -92,30 +92,44 @@ def evaluate_export(
         shards = [extract_shard(encoder, v, comm, opts) for v in views]
         sharded = sharded_protocols(shards, labels, protocols, options.seed, comm)
         gathered: dict[str, Any] = {}
-        if {"linear", "lowshot", "linear_reference"} & set(protocols):
-            sample = probe_sample(len(labels[0]), options.probe_max_samples, options.seed)
-            train = gather_rows(*shards[0], sample, comm)  # bounded: the probes' sample
-            queries = gather_by_index(*shards[1], len(views[1]), comm)
-            if train is not None and queries is not None:  # rank 0 fits the probes
-                with comm.idle_host_threads():  # the other ranks wait at the barrier below
-                    probe_labels = [labels[0][sample], labels[1]]
-                    gathered = gathered_protocols(
-                        [train, queries], probe_labels, protocols, options
-                    )
-                    gathered["probe_train_samples"] = int(sample.numel())
-                    if "linear_reference" in protocols:
-                        gathered.update(
-                            reference_linear(
-                                encoder, splits[0], views[1], labels, data, options, device
-                            )
-                        )
-            comm.barrier()
+        if {"linear", "lowshot"} & set(protocols):
+            gathered = sampled_protocols(shards, labels, len(views[1]), protocols, options, comm)
+        if "linear_reference" in protocols:  # data-parallel over the ranks
+            gathered.update(
+                reference_linear(encoder, splits[0], views[1], labels, data, options, device, comm)
+            )
         report[name] = ordered_row(options.protocols, protocols, sharded, gathered)
     if not comm.is_main:
         return None
     if options.run_dir and labels[0].ndim == 1:
         report["prototypes"] = prototype_scores(Path(options.run_dir), labels[0], data.split)
     return report
+
+
+def sampled_protocols(
+    shards: list[tuple[torch.Tensor, torch.Tensor]],
+    labels: list[torch.Tensor],
+    num_queries: int,
+    protocols: list[str],
+    options: EvalConfig,
+    comm: Comm,
+) -> dict[str, Any]:
+    """The linear probe and low-shot SVMs, fitted on rank 0 on a bounded sample ({} elsewhere).
+
+    Each rank sends only its rows of a seeded sample of at most ``eval.probe_max_samples``
+    training images, and the query split; the size is reported as ``probe_train_samples``.
+    """
+    sample = probe_sample(len(labels[0]), options.probe_max_samples, options.seed)
+    train = gather_rows(*shards[0], sample, comm)
+    queries = gather_by_index(*shards[1], num_queries, comm)
+    row: dict[str, Any] = {}
+    if train is not None and queries is not None:  # rank 0
+        with comm.idle_host_threads():  # the other ranks wait at the barrier below
+            row = gathered_protocols([train, queries], [labels[0][sample], labels[1]],
+                                     protocols, options)  # fmt: skip
+        row["probe_train_samples"] = int(sample.numel())
+    comm.barrier()
+    return row
 
 
 def split_labels(splits: list[Any], data: DataConfig) -> list[torch.Tensor]:
@@ -136,6 +150,7 @@ def reference_linear(
     data: DataConfig,
     options: EvalConfig,
     device: torch.device,
+    comm: Comm,
 ) -> dict[str, Any]:
     """The reference's linear protocol: a classifier trained through augmented images."""
     augmented = IndexedImages(train_split, data.image_column, linear_train_transform(data))
@@ -144,7 +159,7 @@ def reference_linear(
         epochs=epochs, milestones=(round(0.6 * epochs), round(0.8 * epochs))
     )
     res = linear_reference(
-        encoder, augmented, labels[0], query_view, labels[1], schedule, device, options.seed
+        encoder, augmented, labels[0], query_view, labels[1], schedule, device, options.seed, comm
     )
     return {f"linear_reference_{k}": v for k, v in res.items()}
 
