@@ -6,7 +6,7 @@
 Each configuration runs the phases of an epoch boundary that the trainer runs with W gloo
 processes: the E-step's sharded extraction (a tiny linear encoder over synthetic inputs, built by
 dataset index), the sharded k-means and phi at two granularities, the resume checkpoint of the
-cluster result (written by rank 0), and the sharded evaluation (kNN of a fixed query split
+cluster result (each rank writes its 1/W), and the sharded evaluation (kNN of a fixed query split
 against the training shards, k-means scores). Per phase it prints each rank's seconds, the
 seconds rank 0 worked while every other rank waited for it (the shortest wait of the other
 ranks in the barrier that ends the phase), the per-rank peak memory added over the start
@@ -25,15 +25,16 @@ import os
 import resource
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from pcl_scale.artifacts import write_cluster_part
 from pcl_scale.core.kmeans import KMeansOptions
 from pcl_scale.distributed.comm import Comm
 from pcl_scale.distributed.estep import ClusteringPlan, cluster_sharded
@@ -97,9 +98,8 @@ def run_phases(args: argparse.Namespace, n: int, comm: Comm, tmp: str) -> dict[s
     index, feats = phase("extract", comm, lambda: extract_shard(embed, data, comm, opts), times)
     clusters = phase("cluster", comm, lambda: cluster_sharded(index, feats, n, comm, plan), times)
 
-    def checkpoint() -> None:
-        if comm.is_main:
-            save_file(clusters.state_dict(), os.path.join(tmp, f"clusters_{n}.safetensors"))
+    def checkpoint() -> None:  # as the resume checkpoint: every rank writes its 1/W
+        write_cluster_part(Path(tmp), clusters, comm.rank, comm.world_size)
 
     phase("checkpoint", comm, checkpoint, times)
 

@@ -12,12 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from pcl_scale.core.clusters import ClusterResult
+from pcl_scale.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 STATE_FILE = "trainer_state.json"
-CLUSTERS_FILE = "clusters.safetensors"
+CLUSTERS_FILE = "clusters.safetensors"  # the one-file layout of older checkpoints (still read)
+CLUSTERS_PARTS = "clusters-*-of-*.safetensors"
 PREFIX = "step_"
 
 
@@ -58,6 +65,52 @@ def verify(path: Path) -> tuple[TrainState | None, str]:
             actual = f.stat().st_size if f.is_file() else "missing"
             return None, f"{name} has size {actual}, expected {size}"
     return state, ""
+
+
+def write_cluster_part(directory: Path, clusters: ClusterResult, rank: int, world: int) -> Path:
+    """Rank ``rank``'s part of a checkpoint's cluster result: its 1/W of every assignment vector.
+
+    Every rank writes rows ``[rank N / W, (rank + 1) N / W)`` (int32), so no rank writes N-sized
+    data while the others wait; part 0 also holds the prototypes and phi (K-sized).
+    """
+    n = len(clusters.clusterings[0].assignments)
+    start, stop = rank * n // world, (rank + 1) * n // world
+    tensors = {}
+    for m, c in enumerate(clusters.clusterings):
+        tensors[f"{m}.assignments"] = c.assignments[start:stop].int().contiguous()
+        if rank == 0:
+            tensors[f"{m}.prototypes"] = c.prototypes.cpu().contiguous()
+            tensors[f"{m}.phi"] = c.phi.cpu().contiguous()
+    path = directory / f"clusters-{rank:05d}-of-{world:05d}.safetensors"
+    metadata = {"start": str(start), "stop": str(stop), "num_images": str(n)}
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def read_clusters(checkpoint: Path) -> ClusterResult | None:
+    """A checkpoint's cluster result (None before the first E-step), from any number of parts."""
+    if (checkpoint / CLUSTERS_FILE).is_file():
+        return ClusterResult.from_state_dict(load_file(str(checkpoint / CLUSTERS_FILE)))
+    parts = sorted(checkpoint.glob(CLUSTERS_PARTS))
+    if not parts:
+        return None
+    ranges = []
+    for part in parts:
+        with safe_open(str(part), framework="pt") as fh:
+            meta = fh.metadata()
+        ranges.append((int(meta["start"]), int(meta["stop"]), int(meta["num_images"])))
+    n = ranges[0][2]
+    expected = [(r * n // len(parts), (r + 1) * n // len(parts), n) for r in range(len(parts))]
+    if ranges != expected:
+        raise UserError(
+            f"{checkpoint}: the cluster parts cover rows {[(a, b) for a, b, _ in ranges]}, not "
+            f"0..{n} in {len(parts)} parts: resume from another checkpoint (run.resume=PATH)"
+        )
+    states = [load_file(str(part)) for part in parts]
+    merged = dict(states[0])
+    for key in [k for k in merged if k.endswith(".assignments")]:
+        merged[key] = torch.cat([state[key] for state in states])
+    return ClusterResult.from_state_dict(merged)
 
 
 def find_latest(run_dir: Path) -> Path | None:

@@ -12,9 +12,9 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
+from pcl_scale.artifacts import read_clusters
 from pcl_scale.cli import main
 from pcl_scale.config import load_config
-from pcl_scale.core.clusters import ClusterResult
 from pcl_scale.core.loss import PCLLoss
 from pcl_scale.core.model import BackboneSpec, PCLModel
 from pcl_scale.engine.export import export_backbone
@@ -68,8 +68,14 @@ def test_checkpoints_are_complete_and_pruned(tmp_path, tiny_dataset_dir):
     assert kept == ["step_000000006", "step_000000009"]
     last = out / "checkpoints" / "step_000000009"
     assert json.loads((last / "trainer_state.json").read_text())["epoch"] == 3
-    clusters = ClusterResult.from_state_dict(load_file(str(last / "clusters.safetensors")))
-    assert [c.num_prototypes for c in clusters.clusterings] == [12, 16]
+    assert [p.name for p in sorted(last.glob("clusters-*"))] == [
+        "clusters-00000-of-00001.safetensors"
+    ]
+    clusters = read_clusters(last)
+    assert clusters is not None and [c.num_prototypes for c in clusters.clusterings] == [12, 16]
+    assert result.clusters is not None
+    saved, final = clusters.clusterings[1], result.clusters.clusterings[1]
+    assert torch.equal(saved.assignments, final.assignments)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["event"] == "queue_fill"
     assert {"loss", "loss_inst", "acc_inst", "lr", "queue_mean_cos"} <= set(records[1])

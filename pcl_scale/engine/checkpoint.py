@@ -2,7 +2,9 @@
 
 A checkpoint directory ``checkpoints/step_XXXXXXXXX`` (named by optimizer step, so names sort
 in training order) holds Accelerate's state (model with queue, optimizer, RNG states),
-``clusters.safetensors`` (the current E-step result, when there is one) and
+``clusters-RRRRR-of-WWWWW.safetensors`` (the current E-step result, when there is one: each rank
+writes its 1/W of the assignments, rank 0 also the prototypes and phi; any number of processes
+reads it back) and
 ``trainer_state.json``, written last: it records where training stands and the size of every
 other file. A directory is only resumed from when that record reads back and every file has its
 recorded size; ``run.resume=auto`` skips any other with a warning and takes the next older one.
@@ -24,16 +26,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
-
 from pcl_scale.artifacts import (
-    CLUSTERS_FILE,
     PREFIX,
     STATE_FILE,
     TrainState,
     checkpoint_root,
     find_latest,
+    read_clusters,
     verify,
+    write_cluster_part,
 )
 from pcl_scale.core.clusters import ClusterResult
 from pcl_scale.distributed.comm import Comm
@@ -72,10 +73,10 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     comm.barrier()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if clusters is not None:  # every rank its 1/W of the assignments
+        write_cluster_part(tmp, clusters, comm.rank, comm.world_size)
     comm.barrier()
     if comm.is_main:
-        if clusters is not None:
-            save_file(clusters.state_dict(), str(tmp / CLUSTERS_FILE))
         sizes = {
             str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
         }
@@ -158,8 +159,4 @@ def load_checkpoint(
             f"ds_to_universal.py and start a new run from the converted weights"
         )
     accelerator.load_state(str(path))
-    clusters_path = path / CLUSTERS_FILE
-    clusters = None
-    if clusters_path.is_file():
-        clusters = ClusterResult.from_state_dict(load_file(str(clusters_path)))
-    return state, clusters
+    return state, read_clusters(path)

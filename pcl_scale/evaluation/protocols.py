@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from pcl_scale.artifacts import CLUSTERS_FILE, find_latest, load_exported_backbone
+from pcl_scale.artifacts import find_latest, load_exported_backbone, read_clusters
 from pcl_scale.config import DataConfig, EvalConfig
 from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
 from pcl_scale.distributed.comm import Comm
@@ -52,14 +51,13 @@ def data_for_export(config: dict[str, Any], data: DataConfig) -> DataConfig:
 def prototype_assignments(run_dir: Path) -> list[np.ndarray]:
     """The newest checkpoint's assignment of every training index, per granularity."""
     ckpt = find_latest(run_dir)
-    if ckpt is None or not (ckpt / CLUSTERS_FILE).is_file():
+    clusters = read_clusters(ckpt) if ckpt is not None else None
+    if clusters is None:
         raise UserError(
-            f"{run_dir} has no checkpoint with an E-step result ({CLUSTERS_FILE}): pass the run "
-            "directory of a run that got past its warm-up epochs"
+            f"{run_dir} has no checkpoint with an E-step result: pass the run directory of a run "
+            "that got past its warm-up epochs"
         )
-    state = load_file(str(ckpt / CLUSTERS_FILE))
-    m = len({key.split(".")[0] for key in state})
-    return [state[f"{i}.assignments"].long().numpy() for i in range(m)]
+    return [c.assignments.long().numpy() for c in clusters.clusterings]
 
 
 def evaluate_export(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from pcl_scale.artifacts import CLUSTERS_FILE, EMBEDDINGS_FILE, METRICS_FILE, find_latest
+from pcl_scale.artifacts import EMBEDDINGS_FILE, METRICS_FILE, find_latest, read_clusters
 from pcl_scale.errors import UserError
 
 
@@ -128,15 +128,13 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
             sections += [f"## {title}", "", f"![{title}]({name})", ""]
 
     ckpt = find_latest(run_dir)
-    if ckpt is not None and (ckpt / CLUSTERS_FILE).is_file():
-        state = load_file(str(ckpt / CLUSTERS_FILE))
-        m = len({key.split(".")[0] for key in state})
+    clusters = read_clusters(ckpt) if ckpt is not None else None
+    if ckpt is not None and clusters is not None:
         sizes, phis = {}, {}
-        for i in range(m):
-            k = state[f"{i}.phi"].numel()
-            label = f"K={k}"
-            sizes[label] = torch.bincount(state[f"{i}.assignments"].long(), minlength=k)
-            phis[label] = state[f"{i}.phi"]
+        for c in clusters.clusterings:
+            label = f"K={c.num_prototypes}"
+            sizes[label] = torch.bincount(c.assignments.long(), minlength=c.num_prototypes)
+            phis[label] = c.phi
         title = f"cluster sizes per granularity ({ckpt.name})"
         if _hist_plot(out / "cluster_sizes.png", sizes, "images per cluster", title, log=True):
             sections += [f"## {title}", "", f"![{title}](cluster_sizes.png)", ""]
