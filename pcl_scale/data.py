@@ -58,10 +58,14 @@ def load_split(cfg: DataConfig, split: str | None = None) -> Any:
 
 
 def labels_of(ds: Any, cfg: DataConfig) -> Tensor | None:
-    """(N,) int64 labels, or None for an unlabelled dataset."""
+    """(N,) int32 labels ((N, C) for multi-label targets), or None for an unlabelled dataset.
+
+    int32: every process holds the whole vector in host memory (400 MB at 100M images); the
+    shards and samples cut from it are widened to int64 where they are used.
+    """
     if not cfg.label_column:
         return None
-    return torch.as_tensor(np.asarray(ds[cfg.label_column]), dtype=torch.long)
+    return torch.as_tensor(np.asarray(ds[cfg.label_column]), dtype=torch.int32)
 
 
 def _load_source(cfg: DataConfig, split: str) -> Any:

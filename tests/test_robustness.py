@@ -312,3 +312,36 @@ def test_sigterm_during_the_final_evaluation_exits_3_and_the_resume_evaluates(
                                                      **{"run.resume": "auto"})))  # fmt: skip
     assert resumed.epochs_run == 0 and resumed.evaluation is not None
     assert (out / "export" / "model.safetensors").is_file()
+
+
+def test_sigterm_during_the_knn_check_exits_3_and_the_resume_reproduces_the_run(
+    tmp_path, tiny_dataset_dir, monkeypatch
+):
+    import pcl_scale.engine.evaluate as evaluate_module
+
+    extra = {"optim.epochs": 3, "run.knn_every": 1, "data.eval_split": "test"}
+    straight = train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "a", **extra)))
+    out = tmp_path / "b"
+    recipe = tmp_path / "recipe.yaml"
+    save_config(load_config(None, tiny_overrides(tiny_dataset_dir, out, **extra)), recipe)
+    real, sent = evaluate_module.extract_shard, []
+
+    def extract_after_sigterm(*args, **kwargs):  # the notice arrives as the check starts
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "extract_shard", extract_after_sigterm)
+        assert main(["train", "--config", str(recipe)]) == EXIT_INTERRUPTED
+    assert sent == [1]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not any(r.get("event") == "knn" for r in records)  # stopped inside the first check
+    assert (out / "checkpoints" / "step_000000003").is_dir()  # the end of epoch 0
+    resumed = train(load_config(None, tiny_overrides(tiny_dataset_dir, out, **extra,
+                                                     **{"run.resume": "auto"})))  # fmt: skip
+    expected = {s: v for s, v in step_losses(straight.history).items() if s > 3}
+    assert step_losses(resumed.history) == expected  # bit for bit
+    knn = [r for r in resumed.history if r.get("event") == "knn"]
+    assert [r["epoch"] for r in knn] == [1, 2]

@@ -105,15 +105,17 @@ def monitor_knn(
     """kNN of the online backbone during training (None when unlabelled or without eval split).
 
     The gallery is the training split, the queries ``data.eval_split``; both through the
-    deterministic eval view, extracted and scored sharded.
+    deterministic eval view, extracted and scored sharded. It leaves torch's RNG as it found it
+    (its loaders draw their seeds from it), so the check never changes the training run, and a
+    stop during it (:class:`StopRequestedError`) leaves the RNG where the epoch ended.
     """
     if not (cfg.data.label_column and cfg.data.eval_split):
         return None
-    splits = [train_ds, load_split(cfg.data, cfg.data.eval_split)]
-    uninterrupted = dataclasses.replace(extract, stop=None)  # a stop waits for the next step
-    shards = labelled_shards(cfg, accelerator, model, comm, uninterrupted, splits, False)
-    gallery, queries = shards.learned
-    return sharded_knn_scores(gallery, queries, shards.num_classes, comm)
+    with torch.random.fork_rng(devices=[]):
+        splits = [train_ds, load_split(cfg.data, cfg.data.eval_split)]
+        shards = labelled_shards(cfg, accelerator, model, comm, extract, splits, False)
+        gallery, queries = shards.learned
+        return sharded_knn_scores(gallery, queries, shards.num_classes, comm)
 
 
 def labelled_shards(
@@ -133,6 +135,25 @@ def labelled_shards(
     inner = unwrap(accelerator, model)
     sync_buffers(inner, comm)
     inner.eval()
+    try:
+        learned, raw, labels = extract_labelled(cfg, inner.encoder_q.backbone, comm, extract,
+                                                splits, with_raw)  # fmt: skip
+    finally:  # also when a stop ends the extraction
+        inner.train()
+    every = torch.cat(labels)
+    sizes = [len(ds) for ds in splits]
+    return Splits(learned, raw, sizes, int(every.max()) + 1, int(every.unique().numel()))
+
+
+def extract_labelled(
+    cfg: Config,
+    backbone: torch.nn.Module,
+    comm: Comm,
+    extract: ExtractOptions,
+    splits: list[Any],
+    with_raw: bool,
+) -> tuple[list[Shard], list[Shard], list[torch.Tensor]]:
+    """Per split: this rank's backbone features (and raw pixels) as shards, and all labels."""
     opts = dataclasses.replace(extract, progress=False)
     learned: list[Shard] = []
     raw: list[Shard] = []
@@ -141,13 +162,10 @@ def labelled_shards(
         view = IndexedImages(ds, cfg.data.image_column, eval_transform(cfg.data))
         labels = labels_of(ds, cfg.data)
         assert labels is not None
-        index, feats = extract_shard(inner.encoder_q.backbone, view, comm, opts)
-        learned.append(Shard(feats, index, labels[index]))
+        index, feats = extract_shard(backbone, view, comm, opts)
+        learned.append(Shard(feats, index, labels[index].long()))
         if with_raw:
             _, pixels = extract_shard(torch.nn.Flatten(), view, comm, opts)
-            raw.append(Shard(pixels, index, labels[index]))
+            raw.append(Shard(pixels, index, labels[index].long()))
         all_labels.append(labels)
-    inner.train()
-    every = torch.cat(all_labels)
-    sizes = [len(ds) for ds in splits]
-    return Splits(learned, raw, sizes, int(every.max()) + 1, int(every.unique().numel()))
+    return learned, raw, all_labels

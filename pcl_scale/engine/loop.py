@@ -128,7 +128,8 @@ def run_epochs(run: Run) -> RunResult:
         ctx, batches = epoch_context(run, epoch), loader(run, train_view, epoch)
         if not train_one_epoch(ctx, batches, run.stop, run.run_dir):  # stopped by a signal
             return interrupted(run, epoch - start_epoch)
-        end_of_epoch(run, epoch)
+        if not end_of_epoch(run, epoch):  # stopped during the kNN check
+            return interrupted(run, epoch + 1 - start_epoch)
     return finish(run, start_epoch)
 
 
@@ -297,15 +298,20 @@ def loader(run: Run, view: IndexedImages, epoch: int) -> DataLoader:
     return make_loader(run.cfg, view, run.comm, run.local_batch, epoch, skip=skip)
 
 
-def end_of_epoch(run: Run, epoch: int) -> None:
-    """Advance the state; the kNN monitor, checkpoint and export on their cadences."""
+def end_of_epoch(run: Run, epoch: int) -> bool:
+    """Advance the state; the kNN monitor, checkpoint and export on their cadences.
+
+    Returns False when a stop was agreed during the kNN check: the epoch's checkpoint is saved
+    (the check is skipped; it draws nothing from the training RNG, so the resumed run is the same).
+    """
     cfg, state = run.cfg, run.state
     state.epoch, state.step_in_epoch = epoch + 1, 0
     if cfg.run.knn_every and state.epoch % cfg.run.knn_every == 0:
-        with phase(run.logger, run.comm, "knn", state.global_step):
-            knn = monitor_knn(cfg, run.accelerator, run.model, run.comm, run.extract, run.train_ds)
-        if knn is not None:
-            run.logger.log({"event": "knn", "epoch": epoch, **knn}, step=state.global_step)
+        try:
+            knn_check(run, epoch)
+        except StopRequestedError:
+            save(run)
+            return False
     last = state.epoch == cfg.optim.epochs
     if last or state.epoch % cfg.run.checkpoint_every == 0:
         with phase(run.logger, run.comm, "checkpoint", state.global_step):
@@ -313,6 +319,16 @@ def end_of_epoch(run: Run, epoch: int) -> None:
     if cfg.run.export_every and state.epoch % cfg.run.export_every == 0 and not last:
         with phase(run.logger, run.comm, "export", state.global_step):
             publish(run, run.run_dir / f"export_epoch_{state.epoch:04d}")
+    return True
+
+
+def knn_check(run: Run, epoch: int) -> None:
+    """The kNN monitor of ``run.knn_every``, timed and logged (a stop ends it)."""
+    with phase(run.logger, run.comm, "knn", run.state.global_step):
+        knn = monitor_knn(run.cfg, run.accelerator, run.model, run.comm, run.extract,
+                          run.train_ds)  # fmt: skip
+    if knn is not None:
+        run.logger.log({"event": "knn", "epoch": epoch, **knn}, step=run.state.global_step)
 
 
 def publish(run: Run, out_dir: Path, metrics: dict[str, Any] | None = None) -> Path | None:

@@ -123,7 +123,7 @@ def sampled_protocols(
     row: dict[str, Any] = {}
     if train is not None and queries is not None:  # rank 0
         with comm.idle_host_threads():  # the other ranks wait at the barrier below
-            row = gathered_protocols([train, queries], [labels[0][sample], labels[1]],
+            row = gathered_protocols([train, queries], [labels[0][sample].long(), labels[1].long()],
                                      protocols, options)  # fmt: skip
         row["probe_train_samples"] = int(sample.numel())
     comm.barrier()
@@ -215,7 +215,7 @@ def sharded_protocols(
     row: dict[str, Any] = {}
     if not {"knn", "cluster"} & set(protocols):
         return row
-    parts = [Shard(f, i, lab[i]) for (i, f), lab in zip(shards, labels, strict=True)]
+    parts = [Shard(f, i, lab[i].long()) for (i, f), lab in zip(shards, labels, strict=True)]
     every = torch.cat(labels)
     if "knn" in protocols:
         row.update(sharded_knn_scores(parts[0], parts[1], int(every.max()) + 1, comm))
