@@ -324,7 +324,8 @@ def test_sigterm_during_the_knn_check_exits_3_and_the_resume_reproduces_the_run(
     out = tmp_path / "b"
     recipe = tmp_path / "recipe.yaml"
     save_config(load_config(None, tiny_overrides(tiny_dataset_dir, out, **extra)), recipe)
-    real, sent = evaluate_module.extract_shard, []
+    real = evaluate_module.extract_shard
+    sent: list[int] = []
 
     def extract_after_sigterm(*args, **kwargs):  # the notice arrives as the check starts
         if not sent:
