@@ -60,28 +60,34 @@ def extract_shard(
     """
     shard = Subset(dataset, range(comm.rank, len(dataset), comm.world_size))
     loader = DataLoader(shard, batch_size=opts.batch_size, num_workers=opts.num_workers)
-    indices, feats = [], []
+    indices = torch.empty(len(shard), dtype=torch.long)
+    feats: Tensor | None = None  # (n_local, D), allocated once D is known: no list + cat copy
+    batches, filled = 0, 0
     # every rank has this many batches: the stop agreement (a collective) is asked only there
     common_batches = -(-(len(dataset) // comm.world_size) // opts.batch_size)
     grad_off = torch.no_grad() if opts.collective else torch.inference_mode()
     with grad_off, opts.autocast():
         for images, index in tqdm(loader, desc=opts.desc, disable=not opts.progress, leave=False):
-            feats.append(embed(images.to(opts.device, non_blocking=True)).float().cpu())
-            indices.append(index)
-            asked = opts.stop is not None and (len(feats) - 1) % opts.stop_every == 0
-            if asked and len(feats) <= common_batches and opts.stop():  # type: ignore[misc]
+            out = embed(images.to(opts.device, non_blocking=True)).float().cpu()
+            if feats is None:
+                feats = torch.empty(len(shard), out.shape[1])
+            feats[filled : filled + len(index)] = out
+            indices[filled : filled + len(index)] = index
+            filled, batches = filled + len(index), batches + 1
+            asked = opts.stop is not None and (batches - 1) % opts.stop_every == 0
+            if asked and batches <= common_batches and opts.stop():  # type: ignore[misc]
                 raise StopRequestedError
         # the largest shard's batch count; shards differ by at most one sample
         largest_shard = -(-len(dataset) // comm.world_size)
         lockstep = -(-largest_shard // opts.batch_size)
-        extra = lockstep - len(feats) if opts.collective else 0
+        extra = lockstep - batches if opts.collective else 0
         probe = None
-        for _ in range(max(extra, 0 if feats else 1)):  # keep in step; or learn D on an empty shard
+        for _ in range(max(extra, 0 if batches else 1)):  # in step; or learn D on an empty shard
             probe = embed(dataset[0][0][None].to(opts.device))
-    if not feats:
+    if feats is None:
         assert probe is not None
-        return torch.empty(0, dtype=torch.long), torch.empty(0, probe.shape[1])
-    return torch.cat(indices).long(), torch.cat(feats)
+        return indices, torch.empty(0, probe.shape[1])
+    return indices, feats
 
 
 def extract_all(
