@@ -92,8 +92,8 @@ def save_embedding_sample(
     joined = concat_splits(shards, sizes)
     g = torch.Generator().manual_seed(seed)
     keep = torch.randperm(sum(sizes), generator=g)[:EMBEDDING_SAMPLE].sort().values
-    rows = torch.cat([joined.feats.cpu(), joined.labels.float()[:, None]], dim=1)  # (n, F + 1)
-    sample = gather_rows(joined.index, rows, keep, comm)
+    rows = torch.cat([joined.feats.cpu(), joined.labels.float().cpu()[:, None]], dim=1)  # (n, F+1)
+    sample = gather_rows(joined.index.cpu(), rows, keep, comm)
     if sample is not None:  # rank 0
         features, labels = sample[:, :-1].contiguous(), sample[:, -1].round().long()
         save_file({"features": features, "labels": labels}, str(run_dir / EMBEDDINGS_FILE))
@@ -153,7 +153,8 @@ def extract_labelled(
     splits: list[Any],
     with_raw: bool,
 ) -> tuple[list[Shard], list[Shard], list[torch.Tensor]]:
-    """Per split: this rank's backbone features (and raw pixels) as shards, and all labels."""
+    """Per split: this rank's backbone features (and raw pixels) as shards on the device (the
+    scores run there), and all labels (host)."""
     opts = dataclasses.replace(extract, progress=False)
     learned: list[Shard] = []
     raw: list[Shard] = []
@@ -163,9 +164,9 @@ def extract_labelled(
         labels = labels_of(ds, cfg.data)
         assert labels is not None
         index, feats = extract_shard(backbone, view, comm, opts)
-        learned.append(Shard(feats, index, labels[index].long()))
+        learned.append(Shard(feats, index, labels[index].long()).to(extract.device))
         if with_raw:
             _, pixels = extract_shard(torch.nn.Flatten(), view, comm, opts)
-            raw.append(Shard(pixels, index, labels[index].long()))
+            raw.append(Shard(pixels, index, labels[index].long()).to(extract.device))
         all_labels.append(labels)
     return learned, raw, all_labels

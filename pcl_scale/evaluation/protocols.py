@@ -88,7 +88,7 @@ def evaluate_export(
     report: dict[str, dict[str, Any]] = {}
     for name, encoder in ((RAW, torch.nn.Flatten()), (LEARNED, model)):
         shards = [extract_shard(encoder, v, comm, opts) for v in views]
-        sharded = sharded_protocols(shards, labels, protocols, options.seed, comm)
+        sharded = sharded_protocols(shards, labels, protocols, options.seed, comm, device)
         gathered: dict[str, Any] = {}
         if {"linear", "lowshot"} & set(protocols):
             gathered = sampled_protocols(shards, labels, len(views[1]), protocols, options, comm)
@@ -210,12 +210,15 @@ def sharded_protocols(
     protocols: list[str],
     seed: int,
     comm: Comm,
+    device: torch.device,
 ) -> dict[str, Any]:
-    """kNN and k-means scores with the features on their ranks (the same on every rank)."""
+    """kNN and k-means scores with the features on their ranks' devices (the same everywhere)."""
     row: dict[str, Any] = {}
     if not {"knn", "cluster"} & set(protocols):
         return row
-    parts = [Shard(f, i, lab[i].long()) for (i, f), lab in zip(shards, labels, strict=True)]
+    parts = [
+        Shard(f, i, lab[i].long()).to(device) for (i, f), lab in zip(shards, labels, strict=True)
+    ]
     every = torch.cat(labels)
     if "knn" in protocols:
         row.update(sharded_knn_scores(parts[0], parts[1], int(every.max()) + 1, comm))

@@ -28,11 +28,18 @@ KMEANS_SCORES = KMeansOptions(niter=100, nredo=10, init="kmeans++")
 
 @dataclass(frozen=True)
 class Shard:
-    """This rank's rows of one split: features (n, D), global row index (n,), labels (n,)."""
+    """This rank's rows of one split: features (n, D), global row index (n,), labels (n,).
+
+    The scores run where the shard lives: put it on the accelerator (:meth:`to`) so that kNN and
+    k-means run there, not on the host CPU while the GPUs idle.
+    """
 
     feats: Tensor
     index: Tensor
     labels: Tensor
+
+    def to(self, device: torch.device | str) -> Shard:
+        return Shard(self.feats.to(device), self.index.to(device), self.labels.to(device))
 
 
 def local_neighbours(
@@ -90,12 +97,14 @@ def knn_votes(sims: Tensor, labels: Tensor, num_classes: int, temperature: float
     k = sims.shape[1]
     valid = labels >= 0
     votes = labels.clamp_min(0)
+    zeros = sims.new_zeros(votes.shape[0], num_classes, dtype=torch.float32)
     if temperature is not None:
-        weights = torch.where(valid, (sims / temperature).exp(), 0.0)
-        return torch.zeros(votes.shape[0], num_classes).scatter_add_(1, votes, weights)
+        weights = torch.where(valid, (sims / temperature).exp(), 0.0).float()
+        return zeros.scatter_add_(1, votes, weights)
     ones = valid.float()
-    counts = torch.zeros(votes.shape[0], num_classes).scatter_add_(1, votes, ones)
-    bonus = (k - torch.arange(k, dtype=torch.float32)).expand_as(ones) / (k * k + 1.0) * ones
+    counts = zeros.scatter_add_(1, votes, ones)
+    rank_bonus = k - torch.arange(k, dtype=torch.float32, device=sims.device)
+    bonus = rank_bonus.expand_as(ones) / (k * k + 1.0) * ones
     return counts + torch.zeros_like(counts).scatter_reduce_(1, votes, bonus, reduce="amax")
 
 
