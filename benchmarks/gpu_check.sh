@@ -45,7 +45,7 @@ $PY -c "import torch, triton, accelerate, deepspeed; print('torch', torch.__vers
 'triton', triton.__version__, 'accelerate', accelerate.__version__, 'deepspeed', \
 deepspeed.__version__)" >> "$OUT/gpu.txt" 2>&1
 
-step cuda_tests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kmeans_cuda.py \
+step cuda_tests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kmeans_cuda.py tests/test_sharded_eval.py \
   tests/test_negatives.py
 step assign 150 $PY benchmarks/assign.py --tiles 128,128,8,3 256,128,8,2 128,64,4,4 256,64,8,2
 step estep_clustering 150 $PY benchmarks/estep.py --device cuda --n 1281167 \

@@ -131,3 +131,22 @@ def test_sharded_kmeans_scores_equal_one_process():
     for row in run_ranks(2, rank_main):
         assert row == pytest.approx(one, abs=1e-9)
     assert one["nmi"] > 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shards_on_cuda_score_as_on_the_cpu():
+    g = torch.Generator().manual_seed(4)
+    centres = torch.randn(5, 32, generator=g)
+    g_labels, q_labels = torch.arange(3000) % 5, torch.arange(400) % 5
+    gallery = Shard(centres[g_labels] + torch.randn(3000, 32, generator=g), torch.arange(3000),
+                    g_labels)  # fmt: skip
+    queries = Shard(centres[q_labels] + torch.randn(400, 32, generator=g), torch.arange(400),
+                    q_labels)  # fmt: skip
+    on_cpu = sharded_knn_scores(gallery, queries, 5, Comm())
+    on_gpu = sharded_knn_scores(gallery.to("cuda"), queries.to("cuda"), 5, Comm())
+    assert on_gpu == pytest.approx(on_cpu, abs=0.3)  # one query of 400 may flip on a near tie
+    kmeans_cpu = sharded_kmeans_scores([gallery, queries], [3000, 400], 5, Comm(), seed=1)
+    kmeans_gpu = sharded_kmeans_scores([gallery.to("cuda"), queries.to("cuda")], [3000, 400], 5,
+                                       Comm(), seed=1)  # fmt: skip
+    assert kmeans_gpu == pytest.approx(kmeans_cpu, abs=0.02)
