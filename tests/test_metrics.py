@@ -136,3 +136,32 @@ def test_reference_linear_schedule_is_the_spec():
     assert (s.lr, s.momentum, s.weight_decay, s.batch_size, s.epochs) == (5.0, 0.9, 0.0, 256, 100)
     lrs = [_reference_lr(s, e) for e in range(100)]
     assert lrs[59] == 5.0 and lrs[60] == pytest.approx(0.5) and lrs[80] == pytest.approx(0.05)
+
+
+def slow_purity(true, pred):
+    hits = 0
+    for cluster in set(pred.tolist()):
+        members = [t for t, p in zip(true.tolist(), pred.tolist(), strict=True) if p == cluster]
+        hits += max(members.count(c) for c in set(members))
+    return 100.0 * hits / len(true)
+
+
+def test_prototype_scores_report_purity_when_clusters_outnumber_classes(monkeypatch):
+    import pcl_scale.evaluation.metrics as metrics_module
+
+    rng = np.random.default_rng(0)
+    true = rng.integers(0, 5, 2000)
+    pred = np.where(
+        rng.random(2000) < 0.7, true * 8 + rng.integers(0, 8, 2000), rng.integers(0, 40, 2000)
+    )
+    few = metrics_module.prototype_scores_of(true, true % 3)  # K = 3 <= C = 5: matched accuracy
+    assert few == pytest.approx(clustering_scores(true, true % 3))
+    many = metrics_module.prototype_scores_of(true, pred)  # K = 40 > C = 5
+    ref = clustering_scores(true, pred)
+    assert {k: many[k] for k in ("nmi", "ami", "ari")} == pytest.approx(
+        {k: ref[k] for k in ("nmi", "ami", "ari")}
+    )
+    assert "acc" not in many and many["purity"] == pytest.approx(slow_purity(true, pred))
+    monkeypatch.setattr(metrics_module, "MAX_EMI_STEPS", 1e3)
+    bounded = metrics_module.prototype_scores_of(true, pred)
+    assert "ami" not in bounded and "steps > 1e+03" in str(bounded["ami_skipped"])

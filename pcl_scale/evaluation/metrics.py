@@ -107,6 +107,45 @@ def clustering_scores(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     }
 
 
+# Above this many inner steps, the expected mutual information of AMI (scikit-learn's, about
+# K x C x min(N/K, N/C) steps) is skipped: hours at 100M images and K = 100k.
+MAX_EMI_STEPS = 2e9
+
+
+def prototype_scores_of(true: np.ndarray, pred: np.ndarray) -> dict[str, float | str]:
+    """Scores of K prototype assignments against C classes, for any K (up to 10^5 and more).
+
+    NMI and ARI come from scikit-learn's sparse contingency (O(N log N)). With K <= C the matched
+    accuracy is the Hungarian one; with K > C a one-to-one matching leaves most clusters out, so
+    ``purity`` (each cluster votes for its majority class) is reported instead, from the sparse
+    table. AMI is skipped, with the reason, when its expected mutual information would take more
+    than ``MAX_EMI_STEPS`` steps.
+    """
+    from sklearn.metrics import (
+        adjusted_mutual_info_score,
+        adjusted_rand_score,
+        normalized_mutual_info_score,
+    )
+    from sklearn.metrics.cluster import contingency_matrix
+
+    n, k, c = len(true), len(np.unique(pred)), len(np.unique(true))
+    row: dict[str, float | str] = {
+        "nmi": float(normalized_mutual_info_score(true, pred)),
+        "ari": float(adjusted_rand_score(true, pred)),
+    }
+    steps = k * c * min(n / k, n / c)
+    if steps <= MAX_EMI_STEPS:
+        row["ami"] = float(adjusted_mutual_info_score(true, pred))
+    else:
+        row["ami_skipped"] = f"K x C x min(N/K, N/C) = {steps:.1e} steps > {MAX_EMI_STEPS:.0e}"
+    if k <= c:
+        row["acc"] = hungarian_accuracy(true, pred)
+    else:
+        table = contingency_matrix(pred, true, sparse=True)  # (clusters, classes)
+        row["purity"] = 100.0 * float(table.max(axis=1).sum()) / n
+    return row
+
+
 def kmeans_scores(feats: Tensor, labels: Tensor, seed: int = 0) -> dict[str, float]:
     """k-means with K = number of classes, then clustering scores: the sharded evaluation's
     k-means and scores (:func:`pcl_scale.evaluation.sharded.sharded_kmeans_scores`) on one

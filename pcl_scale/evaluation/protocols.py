@@ -30,7 +30,7 @@ from pcl_scale.distributed.extract import (
 from pcl_scale.errors import UserError
 from pcl_scale.evaluation.linear_probe import ReferenceSchedule, linear_probe, linear_reference
 from pcl_scale.evaluation.lowshot import lowshot_svm
-from pcl_scale.evaluation.metrics import clustering_scores
+from pcl_scale.evaluation.metrics import prototype_scores_of
 from pcl_scale.evaluation.sharded import Shard, sharded_kmeans_scores, sharded_knn_scores
 
 RAW, LEARNED = "raw pixels", "pcl backbone"
@@ -162,16 +162,19 @@ def reference_linear(
     return {f"linear_reference_{k}": v for k, v in res.items()}
 
 
-def prototype_scores(run_dir: Path, train_labels: torch.Tensor, split: str) -> dict[str, float]:
-    """NMI/AMI/ARI/accuracy of the run's own prototype assignments, per granularity."""
-    scores = {}
+def prototype_scores(
+    run_dir: Path, train_labels: torch.Tensor, split: str
+) -> dict[str, float | str]:
+    """NMI/AMI/ARI and purity (K > classes) or accuracy of the run's own prototype assignments,
+    per granularity (rank 0, after the other ranks have returned: nobody waits for it)."""
+    scores: dict[str, float | str] = {}
     for m, assign in enumerate(prototype_assignments(run_dir)):
         if len(assign) != len(train_labels):
             raise UserError(
                 f"the run's cluster result covers {len(assign)} images but split {split!r} has "
                 f"{len(train_labels)}: pass the split (and data.max_samples) the run trained on"
             )
-        for key, value in clustering_scores(train_labels.numpy(), assign).items():
+        for key, value in prototype_scores_of(train_labels.numpy(), assign).items():
             scores[f"k{m}_{key}"] = value
     return scores
 
