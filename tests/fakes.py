@@ -71,6 +71,14 @@ class FakeComm(Comm):
         parts = self._exchange(t.detach().clone())  # every rank's whole tensor
         return torch.cat([part.chunk(self.world_size)[self.rank] for part in parts])
 
+    def all_to_all_uneven(
+        self, t: Tensor, send_counts: list[int], recv_counts: list[int]
+    ) -> Tensor:
+        parts = self._exchange((t.detach().clone(), send_counts))
+        mine = [part.split(counts)[self.rank] for part, counts in parts]
+        assert [len(m) for m in mine] == recv_counts, "send and receive counts disagree"
+        return torch.cat(mine)
+
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         parts = self._exchange(t.detach().clone())
         total = parts[0].clone()

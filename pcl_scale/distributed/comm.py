@@ -125,6 +125,20 @@ class Comm:
         dist.all_to_all_single(out, src)
         return out.to(t.device)
 
+    def all_to_all_uneven(
+        self, t: Tensor, send_counts: list[int], recv_counts: list[int]
+    ) -> Tensor:
+        """Rows ``t[sum(send_counts[:r]) : sum(send_counts[:r + 1])]`` to rank r; the rows received
+        from every rank (``recv_counts[s]`` from rank s), in rank order, as one tensor."""
+        if not self.enabled:
+            return t
+        src = t.to(self.device).contiguous()
+        out = src.new_empty((sum(recv_counts), *src.shape[1:]))
+        dist.all_to_all_single(
+            out, src, output_split_sizes=recv_counts, input_split_sizes=send_counts
+        )
+        return out.to(t.device)
+
     def max_over_ranks(self, value: int) -> int:
         """The largest ``value`` of any rank (collective), e.g. a padded width."""
         return int(self.all_gather_cat(torch.tensor([value])).max())

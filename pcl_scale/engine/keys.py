@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,24 +17,77 @@ from pcl_scale.distributed.comm import Comm
 from pcl_scale.engine.seeding import SeedStream, derive_seed
 
 
+@dataclass(frozen=True)
+class ShufflePlan:
+    """One rank's part of a shuffled-BatchNorm exchange: what it sends where, and how the images
+    it receives are put in the order of its shuffled batch.
+
+    Slot ``j`` of the global shuffled batch holds global image ``perm[j]``; rank ``r`` encodes
+    slots ``[r B, (r + 1) B)``. Image ``g`` lives on rank ``g // B``.
+    """
+
+    rank: int
+    send_order: Tensor  # (B,) local image indices, grouped by destination rank
+    send_counts: list[int]  # images to each rank (this rank's own included)
+    recv_counts: list[int]  # images from each rank
+    arrange: Tensor  # (B,) received image i goes to slot arrange[i] of this rank's batch
+
+    @property
+    def images_sent(self) -> int:
+        """Images that leave this rank (those it keeps for itself travel nowhere)."""
+        return int(self.send_order.numel()) - self.send_counts[self.rank]
+
+
+def plan_shuffle(perm: Tensor, local_batch: int, rank: int, world_size: int) -> ShufflePlan:
+    """Rank ``rank``'s :class:`ShufflePlan` for the slot permutation ``perm`` (W B,)."""
+    b = local_batch
+    source = perm // b  # (W B,) the rank holding each slot's image
+    destination = torch.arange(perm.numel()) // b
+    mine = (source == rank).nonzero().squeeze(1)  # ascending slots: grouped by destination
+    my_slots_source = source[rank * b : (rank + 1) * b]
+    return ShufflePlan(
+        rank=rank,
+        send_order=perm[mine] - rank * b,
+        send_counts=torch.bincount(destination[mine], minlength=world_size).tolist(),
+        recv_counts=torch.bincount(my_slots_source, minlength=world_size).tolist(),
+        arrange=torch.argsort(my_slots_source, stable=True),
+    )
+
+
+@dataclass(frozen=True)
+class ShuffledKeys:
+    """The keys of this rank's images, and those of the whole global batch in rank order."""
+
+    local: Tensor  # (B, D)
+    gathered: Tensor  # (W B, D): what the queue takes
+
+
 def shuffled_keys(
     encode: Callable[[Tensor], Tensor], im_k: Tensor, comm: Comm, gen: torch.Generator
-) -> Tensor:
+) -> ShuffledKeys:
     """Keys with shuffled BatchNorm (MoCo): each rank encodes a random slice of the global batch.
 
+    Only the images a rank encodes travel to it (one all_to_all: B images sent and received per
+    rank, whatever W), and the keys are gathered once, for the unshuffle and the queue alike.
     The permutation comes from a generator seeded identically on every rank, so no broadcast is
-    needed. On one process this is the plain key forward. Shape: (B, C, H, W) -> (B, D).
+    needed; the batches, and so the keys, are those of gathering every image everywhere. On one
+    process this is the plain key forward. Shape: (B, C, H, W) -> (B, D) and (W B, D).
     """
     if comm.world_size == 1:
-        return encode(im_k)
+        keys = encode(im_k)
+        return ShuffledKeys(keys, keys)
     b = im_k.shape[0]
-    all_k = comm.all_gather_cat(im_k)  # (W*B, C, H, W)
-    perm = torch.randperm(all_k.shape[0], generator=gen).to(im_k.device)
-    mine = slice(comm.rank * b, (comm.rank + 1) * b)
-    keys = comm.all_gather_cat(encode(all_k[perm[mine]]).contiguous())  # (W*B, D), shuffled order
+    perm = torch.randperm(b * comm.world_size, generator=gen)
+    plan = plan_shuffle(perm, b, comm.rank, comm.world_size)
+    received = comm.all_to_all_uneven(
+        im_k[plan.send_order.to(im_k.device)], plan.send_counts, plan.recv_counts
+    )
+    batch = torch.empty_like(received)
+    batch[plan.arrange.to(im_k.device)] = received  # slot order: the gathered batch's perm[mine]
+    keys = comm.all_gather_cat(encode(batch).contiguous())  # (W B, D), shuffled order
     unshuffled = torch.empty_like(keys)
-    unshuffled[perm] = keys
-    return unshuffled[mine]
+    unshuffled[perm.to(keys.device)] = keys
+    return ShuffledKeys(unshuffled[comm.rank * b : (comm.rank + 1) * b], unshuffled)
 
 
 def fill_queue(
@@ -78,7 +132,6 @@ def fill_queue(
             gen = torch.Generator().manual_seed(
                 derive_seed(seed, SeedStream.QUEUE_FILL, 1, step, 0)
             )
-            k = shuffled_keys(inner.embed, im_k.to(device), comm, gen)
-            keys.append(comm.all_gather_cat(k.float()))  # (global batch, D)
+            keys.append(shuffled_keys(inner.embed, im_k.to(device), comm, gen).gathered.float())
     inner.queue_ptr.zero_()
     inner.enqueue(torch.cat(keys)[:size])  # a full turn: the pointer is back at 0

@@ -157,11 +157,12 @@ def train_step(
     step_seed = derive_seed(cfg.run.seed, SeedStream.STEP, ctx.epoch, ctx.state.global_step, micro)
     with accelerator.accumulate(ctx.model), ctx.autocast():
         q, _ = ctx.model(im_q)
-        k = shuffled_keys(inner.embed, im_k, comm, torch.Generator().manual_seed(step_seed))
+        keys = shuffled_keys(inner.embed, im_k, comm, torch.Generator().manual_seed(step_seed))
+        k = keys.local
         gen = torch.Generator(device=device).manual_seed(mix_seed(step_seed, comm.rank))
         out = ctx.loss(q, k, inner.queue, index, ctx.clusters, generator=gen)
         accelerator.backward(out.loss)
         ctx.optimizer.step()
         ctx.optimizer.zero_grad(set_to_none=True)
-    inner.enqueue(comm.all_gather_cat(k.float()))
+    inner.enqueue(keys.gathered.float())  # (W B, D): gathered once, with the unshuffle
     return out
