@@ -154,6 +154,13 @@ class EStepConfig:
         default="auto",
         metadata=_help("k-means backend: 'torch', 'faiss' or 'auto' (faiss when installed)"),
     )
+    every: int = field(
+        default=1,
+        metadata=_help(
+            "epochs between E-steps after the warm-up (1 = every epoch, the reference); the "
+            "prototypes of the last E-step serve the epochs in between"
+        ),
+    )
     niter: int = field(default=20, metadata=_help("Lloyd iterations"))
     nredo: int = field(default=5, metadata=_help("k-means restarts (the best is kept)"))
     spherical: bool = field(default=False, metadata=_help("re-normalise centroids each iteration"))

@@ -85,6 +85,7 @@ def _check_ranges(cfg: Config) -> None:
         "optim.batch_size": cfg.optim.batch_size,
         "optim.grad_accum": cfg.optim.grad_accum,
         "estep.nredo": cfg.estep.nredo,
+        "estep.every": cfg.estep.every,
         "run.checkpoint_every": cfg.run.checkpoint_every,
         "run.keep_checkpoints": cfg.run.keep_checkpoints,
         "run.log_every": cfg.run.log_every,

@@ -59,6 +59,29 @@ def test_resume_equals_straight_run(tmp_path, tiny_dataset_dir):
         torch.testing.assert_close(a.phi, b.phi)
 
 
+def test_estep_every_two_epochs_reuses_the_prototypes_and_resumes(tmp_path, tiny_dataset_dir):
+    """estep.every=2: E-steps at the end of the warm-up and two epochs later; the epoch between
+    trains against the earlier prototypes, also when the run resumes there."""
+    extra = {"optim.epochs": 4, "estep.every": 2, "run.keep_checkpoints": 4}
+    straight = train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "a", **extra)))
+    assert [r["epoch"] for r in straight.history if r.get("event") == "estep"] == [1, 3]
+    assert all("loss_proto" in r for r in straight.history if "loss" in r and r["epoch"] >= 1)
+
+    resumed_dir = tmp_path / "b"  # stopped after epoch 1 (its E-step saved), resumed at epoch 2
+    shutil.copytree(
+        tmp_path / "a" / "checkpoints" / "step_000000006",
+        resumed_dir / "checkpoints" / "step_000000006",
+    )
+    resumed = train(
+        load_config(None, tiny_overrides(tiny_dataset_dir, resumed_dir,
+                                         **extra, **{"run.resume": "auto"}))
+    )  # fmt: skip
+    assert [r["epoch"] for r in resumed.history if r.get("event") == "estep"] == [3]
+    assert losses(resumed.history) == pytest.approx(
+        losses(straight.history, 2) + losses(straight.history, 3), rel=1e-5
+    )
+
+
 def test_checkpoints_are_complete_and_pruned(tmp_path, tiny_dataset_dir):
     out = tmp_path / "run"
     extra = {"run.keep_checkpoints": 2, "run.mixed_precision": "bf16"}  # bf16 autocast on CPU

@@ -1,9 +1,9 @@
 """The PCL training loop on Accelerate, as a list of named calls.
 
 :func:`train` builds a :class:`Run` once (:func:`setup`), then every epoch runs the E-step when
-one is due (:func:`maybe_estep`), the M-step iterations (``mstep.train_one_epoch``) and the
-epoch's bookkeeping (:func:`end_of_epoch`); :func:`finish` evaluates, exports and returns what
-the run measured.
+one is due (:func:`maybe_estep`: every ``estep.every`` epochs), the M-step iterations
+(``mstep.train_one_epoch``) and the epoch's bookkeeping (:func:`end_of_epoch`); :func:`finish`
+evaluates, exports and returns what the run measured.
 """
 
 from __future__ import annotations
@@ -229,17 +229,21 @@ def initial_queue(run: Run) -> None:
     run.logger.log({"event": "queue_fill", "seconds": time.perf_counter() - t0}, 0)
 
 
-def estep_due(run: Run) -> bool:
-    """After the warm-up, every epoch, except an epoch resumed mid-way with its E-step saved."""
-    resumed_mid_epoch = run.state.step_in_epoch > 0 and run.clusters is not None
-    return not resumed_mid_epoch
+def estep_due(run: Run, epoch: int) -> bool:
+    """Every ``estep.every`` epochs from the end of the warm-up, and whenever the run has no
+    prototypes yet (a resume saved without them); never again in an epoch resumed mid-way with
+    its E-step saved."""
+    if run.clusters is None:
+        return True
+    resumed_mid_epoch = run.state.step_in_epoch > 0
+    return not resumed_mid_epoch and (epoch - run.cfg.pcl.warmup_epochs) % run.cfg.estep.every == 0
 
 
 def maybe_estep(run: Run, epoch: int) -> ClusterResult | None:
     """This epoch's prototypes: None during warm-up, else a new (or the resumed) E-step result."""
     if epoch < run.cfg.pcl.warmup_epochs:
         return None
-    if not estep_due(run):
+    if not estep_due(run, epoch):
         return run.clusters
     cfg = run.cfg
     inner = unwrap(run.accelerator, run.model)
