@@ -119,6 +119,7 @@ def run_pcl_scale(args: argparse.Namespace, cfg: Config) -> tuple[str, float]:
 
 
 def _time_trainer_step(args: argparse.Namespace, cfg: Config, accelerator: Any) -> float:
+    from pcl_scale.data import device_input
     from pcl_scale.engine.loop import build_model
     from pcl_scale.engine.mstep import EpochContext, train_step
     from pcl_scale.engine.runtime import unwrap
@@ -135,8 +136,9 @@ def _time_trainer_step(args: argparse.Namespace, cfg: Config, accelerator: Any) 
     layout = Layout(distributed_kind(accelerator), comm.world_size)
     logger: Any = None  # train_step logs nothing
     ctx = EpochContext(
-        cfg, accelerator, model, optimizer, clusters, comm, logger, TrainState(), 0, 1, layout
-    )
+        cfg, accelerator, model, optimizer, clusters, comm, logger, TrainState(), 0, 1, layout,
+        device_input(cfg.data, device),
+    )  # fmt: skip
     s = args.image_size
     im_q = torch.randn(local_batch, 3, s, s, device=device)
     im_k = torch.randn(local_batch, 3, s, s, device=device)

@@ -38,7 +38,9 @@ def evaluate_export(
     model, config = load_exported_backbone(export_dir)
     data = data_for_export(config, data)
     splits = [load_split(data, data.split), load_split(data, data.eval_split)]
-    views = [IndexedImages(ds, data.image_column, eval_transform(data)) for ds in splits]
+    views = [
+        IndexedImages(ds, data.image_column, eval_transform(data, as_uint8=False)) for ds in splits
+    ]
     labels = [labels_of(ds, data) for ds in splits]
     if labels[0] is None or labels[1] is None:
         raise UserError("evaluation needs labels: set data.label_column")

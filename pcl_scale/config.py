@@ -72,6 +72,10 @@ class DataConfig:
         ),
     )
     num_workers: int = field(default=4, metadata=_help("DataLoader workers per process"))
+    prefetch_factor: int = field(
+        default=4,
+        metadata=_help("batches each DataLoader worker prepares ahead (docs/benchmarks.md)"),
+    )
     cache_dir: str = field(
         default="~/.cache/pcl-scale",
         metadata=_help("where the built-in sources are materialised as HF datasets"),
@@ -206,6 +210,24 @@ class RunConfig:
         default="no",
         metadata=_help("'no', 'bf16' (CPU and GPU autocast) or 'fp16' (GPU, with loss scaling)"),
     )
+    channels_last: str = field(
+        default="auto",
+        metadata=_help(
+            "channels-last memory format of the encoders and their inputs: 'auto' (on for "
+            "ResNets on CUDA), 'true' or 'false'"
+        ),
+    )
+    compile: bool = field(
+        default=False,
+        metadata=_help("torch.compile the two encoders (compiled at the first step of each shape)"),
+    )
+    stop_check_every: int = field(
+        default=10,
+        metadata=_help(
+            "optimizer steps between the ranks' agreement on a stop signal (a blocking all-reduce "
+            "and host sync); a SIGTERM is honoured at the next such step"
+        ),
+    )
     checkpoint_every: int = field(
         default=5, metadata=_help("save a resume checkpoint every N epochs (and at the end)")
     )
@@ -336,6 +358,8 @@ def load_config(
     assert isinstance(cfg, Config)
     if cfg.run.mixed_precision in ("False", "false"):  # YAML 1.1 reads a bare `no` as false
         cfg.run.mixed_precision = "no"
+    if cfg.run.channels_last in ("True", "False"):  # a YAML boolean, read into a string field
+        cfg.run.channels_last = cfg.run.channels_last.lower()
     return cfg
 
 

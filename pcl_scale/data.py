@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torchvision import transforms as T
 
 from pcl_scale.config import DataConfig
+from pcl_scale.core.seeds import mix_seed
 from pcl_scale.errors import DataError
 
 BUILTINS = ("digits", "mnist")
@@ -257,7 +259,9 @@ class TwoCrops:
 
 
 def train_transform(cfg: DataConfig) -> TwoCrops:
-    """``aug`` (PCL v1 / InstDisc) or ``aug_plus`` (PCL v2 / MoCo v2), applied twice.
+    """``aug`` (PCL v1 / InstDisc) or ``aug_plus`` (PCL v2 / MoCo v2), applied twice, as uint8
+    (C, H, W) tensors: a quarter of float32's bytes from worker to trainer, and the cast and
+    normalisation run batched on the device (:class:`DeviceInput`).
 
     ``rotate_degrees`` / ``shear_degrees`` put a random affine map before the crop (for digits and
     other images whose class survives small rotations but not mirroring).
@@ -268,7 +272,7 @@ def train_transform(cfg: DataConfig) -> TwoCrops:
         affine = T.RandomAffine(cfg.rotate_degrees, shear=cfg.shear_degrees or None)
         crop = T.Compose([affine, crop])
     flip = [T.RandomHorizontalFlip()] if cfg.hflip else []
-    tail = [*flip, T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    tail = [*flip, T.PILToTensor()]  # uint8: cast and normalised on the device (DeviceInput)
     if cfg.aug == "aug_plus":
         scale = cfg.image_size / 224.0
         ops = [
@@ -284,41 +288,91 @@ def train_transform(cfg: DataConfig) -> TwoCrops:
     return TwoCrops(T.Compose([*ops, *tail]))
 
 
-def eval_transform(cfg: DataConfig) -> Callable[[Any], Tensor]:
-    """Deterministic E-step view: Resize, CenterCrop, ToTensor, Normalize."""
-    return T.Compose(
-        [
-            T.Resize(cfg.eval_resize),
-            T.CenterCrop(cfg.image_size),
-            T.ToTensor(),
-            T.Normalize(cfg.mean, cfg.std),
-        ]
-    )
+def eval_transform(cfg: DataConfig, as_uint8: bool = True) -> Callable[[Any], Tensor]:
+    """Deterministic E-step view: Resize, CenterCrop, then uint8 (normalised on the device by
+    :class:`DeviceInput`) or, ``as_uint8=False``, ToTensor and Normalize in the worker."""
+    head = [T.Resize(cfg.eval_resize), T.CenterCrop(cfg.image_size)]
+    tail = [T.PILToTensor()] if as_uint8 else [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    return T.Compose([*head, *tail])
+
+
+@dataclass(frozen=True)
+class DeviceInput:
+    """A batch of views as the encoder's input: moved to the device (asynchronously from pinned
+    memory), uint8 views cast and normalised there, float views passed as they are.
+
+    The cast is ToTensor's and the normalisation Normalize's, in the same order, so the result
+    equals the worker-side float pipeline's bit for bit on the same device.
+    """
+
+    device: torch.device
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels_last: bool = False
+
+    def __call__(self, images: Tensor) -> Tensor:
+        x = images.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            mean = torch.as_tensor(self.mean, device=x.device).view(-1, 1, 1)
+            std = torch.as_tensor(self.std, device=x.device).view(-1, 1, 1)
+            x = x.float().div_(255).sub_(mean).div_(std)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def device_input(cfg: DataConfig, device: torch.device, channels_last: bool = False) -> DeviceInput:
+    return DeviceInput(device, tuple(cfg.mean), tuple(cfg.std), channels_last)
+
+
+SampleKey = tuple[int, int]  # (epoch, dataset index): what a seeded sampler yields
 
 
 class IndexedImages(TorchDataset):
-    """``(transform(image as RGB), dataset_index)`` over an HF dataset's image column."""
+    """``(transform(image as RGB), dataset_index)`` over an HF dataset's image column.
 
-    def __init__(self, ds: Any, image_column: str, transform: Callable[[Any], Any]) -> None:
+    With ``seed_parts``, a key is ``(epoch, index)`` and the sample's random augmentations draw
+    from torch's RNG seeded with ``(*seed_parts, epoch, index)``: they depend on nothing else (not
+    the worker count, the worker that loads it, or where a resumed epoch starts).
+    """
+
+    def __init__(
+        self,
+        ds: Any,
+        image_column: str,
+        transform: Callable[[Any], Any],
+        seed_parts: tuple[int, ...] | None = None,
+    ) -> None:
         self.ds = ds.select_columns([image_column])
         self.image_column = image_column
         self.transform = transform
+        self.seed_parts = seed_parts
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, key: int | SampleKey) -> tuple[Any, int]:
+        if isinstance(key, tuple):
+            if self.seed_parts is None:
+                raise TypeError("an (epoch, index) key needs a view built with seed_parts")
+            epoch, index = key
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(mix_seed(*self.seed_parts, epoch, index))
+                return self.transform(self.image(index)), index
+        return self.transform(self.image(key)), key
+
+    def image(self, index: int) -> Any:
+        """The image at ``index`` decoded as RGB; a clear error naming it when it does not."""
         try:
             image = self.ds[index][self.image_column]
             if not hasattr(image, "convert"):
                 raise TypeError(f"expected an image, got {type(image).__name__}")
-            image = image.convert("RGB")  # grayscale, RGBA, palette -> RGB
+            return image.convert("RGB")  # grayscale, RGBA, palette -> RGB
         except Exception as err:
             raise DataError(
                 f"cannot decode the image at dataset index {index}: {type(err).__name__}: {err}. "
                 f"Fix or remove that sample."
             ) from err
-        return self.transform(image), index
 
 
 def undecodable_indices(

@@ -29,6 +29,7 @@ _CHOICES = {
     ("estep", "init"): ("random", "kmeans++"),
     ("optim", "schedule"): ("step", "cosine"),
     ("run", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("run", "channels_last"): ("auto", "true", "false"),
 }
 
 
@@ -86,6 +87,8 @@ def _check_ranges(cfg: Config) -> None:
         "optim.grad_accum": cfg.optim.grad_accum,
         "estep.nredo": cfg.estep.nredo,
         "estep.every": cfg.estep.every,
+        "data.prefetch_factor": cfg.data.prefetch_factor,
+        "run.stop_check_every": cfg.run.stop_check_every,
         "run.checkpoint_every": cfg.run.checkpoint_every,
         "run.keep_checkpoints": cfg.run.keep_checkpoints,
         "run.log_every": cfg.run.log_every,

@@ -3,7 +3,14 @@ import pytest
 import torch
 
 from pcl_scale.config import DataConfig
-from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split, train_transform
+from pcl_scale.data import (
+    IndexedImages,
+    device_input,
+    eval_transform,
+    labels_of,
+    load_split,
+    train_transform,
+)
 from pcl_scale.errors import DataError
 
 from .conftest import make_hf_dataset, make_images
@@ -19,7 +26,7 @@ def check_dataset(ds, cfg, n):
     assert len(ds) == n
     view = IndexedImages(ds, cfg.image_column, eval_transform(cfg))
     image, index = view[n - 1]
-    assert index == n - 1 and image.shape == (3, 8, 8) and image.dtype == torch.float32
+    assert index == n - 1 and image.shape == (3, 8, 8) and image.dtype == torch.uint8
     (q, k), idx = IndexedImages(ds, cfg.image_column, train_transform(cfg))[0]
     assert q.shape == k.shape == (3, 8, 8) and idx == 0
     labels = labels_of(ds, cfg)
@@ -38,7 +45,7 @@ def test_affine_views_rotate_and_stay_seeded():
         torch.manual_seed(0)
         pairs = [train_transform(cfg)(image) for _ in range(8)]
         # lit pixels outside the bar's rows: only a rotation or shear puts them there
-        return [float((q[0, :12] > q[0].mean()).float().mean()) for q, _ in pairs]
+        return [float((q[0, :12] > q[0].float().mean()).float().mean()) for q, _ in pairs]
 
     assert views() == views() and max(views()) == 0.0
     rotated = views(rotate_degrees=30.0)
@@ -151,7 +158,58 @@ def test_epoch_order_is_distributed_samplers_order_as_a_tensor(n, world):
                 drop_last=True,
             )
             reference.set_epoch(epoch)
-            order = EpochOrder(n, world, rank, seed=5 + epoch, skip=2)
+            order = EpochOrder(n, world, rank, seed=5)
+            order.set_epoch(epoch, skip=2)
             assert order.indices.dtype == torch.int32  # no list of Python ints per rank
-            assert list(order) == list(reference)[2:]
+            assert list(order) == [(epoch, i) for i in list(reference)[2:]]
             assert len(order) == len(reference) - 2
+
+
+@pytest.mark.parametrize("aug", ["aug", "aug_plus"])
+def test_uint8_views_normalised_on_the_device_equal_the_float_pipeline(tiny_dataset_dir, aug):
+    """Workers return uint8; DeviceInput's cast and normalisation give ToTensor + Normalize's
+    floats bit for bit, for the same seeded augmentations (the reference pipeline, built here)."""
+    from torchvision import transforms as T
+
+    cfg = cfg_for(tiny_dataset_dir, aug=aug, mean=[0.3, 0.4, 0.5], std=[0.2, 0.25, 0.3])
+    ds = load_split(cfg)
+    to_input = device_input(cfg, torch.device("cpu"))
+    float_tail = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    uint8_view = train_transform(cfg).transform
+    reference = T.Compose([*uint8_view.transforms[:-1], float_tail])  # PILToTensor -> float
+    for i in range(6):
+        image = ds[i]["image"].convert("RGB")
+        torch.manual_seed(i)
+        fast = to_input(uint8_view(image)[None])[0]
+        torch.manual_seed(i)
+        assert torch.equal(fast, reference(image))
+    image = ds[0]["image"].convert("RGB")
+    e_step = to_input(eval_transform(cfg)(image)[None])[0]
+    assert torch.equal(e_step, eval_transform(cfg, as_uint8=False)(image))
+
+
+def test_sample_augmentations_follow_epoch_and_index_only(tiny_dataset_dir):
+    """(epoch, index) keys: a sample's views are the same whatever the worker count and the
+    order it is loaded in, and differ across epochs."""
+    from torch.utils.data import DataLoader
+
+    cfg = cfg_for(tiny_dataset_dir, aug="aug_plus")
+    view = IndexedImages(load_split(cfg), "image", train_transform(cfg), seed_parts=(0, 1))
+    keys = [(3, i) for i in range(8)]
+
+    def loaded(order, workers):
+        loader = DataLoader(view, batch_size=4, sampler=order, num_workers=workers)
+        out = {}
+        for (q, k), index in loader:
+            out.update({int(j): (a, b) for j, a, b in zip(index, q, k, strict=True)})
+        return out
+
+    inline = loaded(keys, 0)
+    shuffled = loaded(keys[::-1], 2)
+    for i in range(8):
+        assert torch.equal(inline[i][0], shuffled[i][0]) and torch.equal(
+            inline[i][1], shuffled[i][1]
+        )
+        assert not torch.equal(inline[i][0], inline[i][1])  # two different views
+    (q_next, _), _ = view[(4, 0)]
+    assert not torch.equal(q_next, inline[0][0])  # another epoch, another augmentation

@@ -11,6 +11,7 @@ import torch
 from pcl_scale.artifacts import TrainState
 from pcl_scale.config import load_config
 from pcl_scale.core.model import BackboneSpec, PCLModel
+from pcl_scale.data import device_input
 from pcl_scale.engine.checkpoint import Layout
 from pcl_scale.engine.loop import train
 from pcl_scale.engine.mstep import EpochContext, train_step
@@ -54,7 +55,8 @@ def test_loss_sees_the_queue_as_it_was_then_all_ranks_keys_are_enqueued_in_rank_
         optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1)
         logger: Any = None  # train_step logs nothing
         ctx = EpochContext(cfg, StubAccelerator(), model, optimizer, None, comm, logger,
-                           TrainState(), 0, 1, Layout())  # fmt: skip
+                           TrainState(), 0, 1, Layout(),
+                           device_input(cfg.data, torch.device("cpu")))  # fmt: skip
         seen: dict[str, torch.Tensor] = {}
         real_loss = ctx.loss
 

@@ -12,11 +12,14 @@ from torch.utils.data import Dataset
 from pcl_scale.artifacts import find_latest
 from pcl_scale.config import load_config
 from pcl_scale.core.model import BackboneSpec, PCLModel
+from pcl_scale.data import DeviceInput
 from pcl_scale.distributed.comm import Comm
 from pcl_scale.engine.keys import fill_queue
 from pcl_scale.engine.loop import train
 
 from .conftest import tiny_overrides
+
+CPU_INPUT = DeviceInput(torch.device("cpu"), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
 class KeyViews(Dataset):
@@ -28,7 +31,8 @@ class KeyViews(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: tuple[int, int]):
+        _, i = key  # (round over the dataset, index)
         return self.images[i], i
 
 
@@ -39,7 +43,7 @@ def test_queue_holds_keys_of_every_image_and_the_pointer_is_back_at_zero():
     model.eval()  # per-image keys, so that each queued row can be matched to its image
     random_queue = model.queue.clone()
     view = KeyViews(n)
-    fill_queue(cfg, model, view, Comm(), batch, contextlib.nullcontext)  # type: ignore[arg-type]
+    fill_queue(cfg, model, view, Comm(), batch, contextlib.nullcontext, CPU_INPUT)  # type: ignore[arg-type]
     assert int(model.queue_ptr) == 0
     keys = model.embed(view.images)  # (n, D), the slow reference: one forward of all images
     cos = model.queue @ keys.t()  # (queue, n)
@@ -58,7 +62,7 @@ def test_same_seed_same_queue_other_seed_other_order():
         torch.manual_seed(0)
         model = PCLModel(BackboneSpec("resnet18", small_stem=True), dim=16, queue_size=8)
         model.eval()
-        fill_queue(cfg, model, view, Comm(), 4, contextlib.nullcontext)  # type: ignore[arg-type]
+        fill_queue(cfg, model, view, Comm(), 4, contextlib.nullcontext, CPU_INPUT)  # type: ignore[arg-type]
         return F.normalize(model.queue, dim=1)
 
     a, b, c = filled(0), filled(0), filled(1)

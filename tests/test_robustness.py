@@ -346,3 +346,23 @@ def test_sigterm_during_the_knn_check_exits_3_and_the_resume_reproduces_the_run(
     assert step_losses(resumed.history) == expected  # bit for bit
     knn = [r for r in resumed.history if r.get("event") == "knn"]
     assert [r["epoch"] for r in knn] == [1, 2]
+
+
+def test_ranks_agree_on_a_stop_only_every_stop_check_every_steps(
+    tmp_path, tiny_dataset_dir, monkeypatch
+):
+    """The agreement is a blocking all-reduce: 2 per 6-step epoch at stop_check_every=2 (steps
+    2 and 4; the epoch's end is a boundary of its own), not one after every step."""
+    from pcl_scale.engine.signals import StopRequest
+
+    asked: list[int] = []
+    real = StopRequest.agreed
+
+    def counting(self, comm):
+        asked.append(1)
+        return real(self, comm)
+
+    monkeypatch.setattr(StopRequest, "agreed", counting)
+    extra = {"optim.epochs": 1, "run.max_steps_per_epoch": 0, "run.stop_check_every": 2}
+    train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "run", **extra)))
+    assert len(asked) == 2

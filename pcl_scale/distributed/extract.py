@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +37,36 @@ class ExtractOptions:
     # rank then runs the same number of forwards, and autograd's no_grad replaces inference
     # mode, whose tensors ZeRO-3 cannot re-partition.
     collective: bool = False
+    # How a loaded batch becomes the encoder's input on ``device`` (the cast and normalisation
+    # of uint8 views, DeviceInput); None: moved there as it is.
+    to_input: Callable[[Tensor], Tensor] | None = None
+    # Further DataLoader settings (pinned memory, persistent workers, prefetch depth).
+    loader_options: dict[str, Any] = field(default_factory=dict)
+    # Loaders kept across calls by dataset (with their persistent workers): the E-step's view is
+    # extracted again every epoch. None: a new loader per call.
+    cache: dict[int, tuple[Any, DataLoader]] | None = None
+
+    def input(self, images: Tensor) -> Tensor:
+        if self.to_input is not None:
+            return self.to_input(images)
+        return images.to(self.device, non_blocking=True)
+
+    def loader(self, dataset: Any, rank: int, world_size: int) -> DataLoader:
+        """The DataLoader over the strided shard of ``dataset``: the cached one when it was seen
+        before (same rank and world), else a new one (cached when ``cache`` is set)."""
+        key = id(dataset)
+        if self.cache is not None and key in self.cache:
+            return self.cache[key][1]
+        shard = Subset(dataset, range(rank, len(dataset), world_size))
+        options = dict(self.loader_options)
+        if self.cache is None:  # a loader used once: its workers end with its iteration
+            options.pop("persistent_workers", None)
+        loader = DataLoader(
+            shard, batch_size=self.batch_size, num_workers=self.num_workers, **options
+        )
+        if self.cache is not None:
+            self.cache[key] = (dataset, loader)  # the dataset kept alive: its id stays its own
+        return loader
 
 
 class StopRequestedError(Exception):
@@ -58,9 +88,9 @@ def extract_shard(
     Raises:
         StopRequestedError: ``opts.stop`` returned True (on every rank at the same batch).
     """
-    shard = Subset(dataset, range(comm.rank, len(dataset), comm.world_size))
-    loader = DataLoader(shard, batch_size=opts.batch_size, num_workers=opts.num_workers)
-    indices = torch.empty(len(shard), dtype=torch.long)
+    loader = opts.loader(dataset, comm.rank, comm.world_size)
+    n_local = len(range(comm.rank, len(dataset), comm.world_size))
+    indices = torch.empty(n_local, dtype=torch.long)
     feats: Tensor | None = None  # (n_local, D), allocated once D is known: no list + cat copy
     batches, filled = 0, 0
     # every rank has this many batches: the stop agreement (a collective) is asked only there
@@ -68,9 +98,9 @@ def extract_shard(
     grad_off = torch.no_grad() if opts.collective else torch.inference_mode()
     with grad_off, opts.autocast():
         for images, index in tqdm(loader, desc=opts.desc, disable=not opts.progress, leave=False):
-            out = embed(images.to(opts.device, non_blocking=True)).float().cpu()
+            out = embed(opts.input(images)).float().cpu()
             if feats is None:
-                feats = torch.empty(len(shard), out.shape[1])
+                feats = torch.empty(n_local, out.shape[1])
             feats[filled : filled + len(index)] = out
             indices[filled : filled + len(index)] = index
             filled, batches = filled + len(index), batches + 1
@@ -83,7 +113,7 @@ def extract_shard(
         extra = lockstep - batches if opts.collective else 0
         probe = None
         for _ in range(max(extra, 0 if batches else 1)):  # in step; or learn D on an empty shard
-            probe = embed(dataset[0][0][None].to(opts.device))
+            probe = embed(opts.input(dataset[0][0][None]))
     if feats is None:
         assert probe is not None
         return indices, torch.empty(0, probe.shape[1])

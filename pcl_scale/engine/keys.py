@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from pcl_scale.config import Config
 from pcl_scale.core.model import PCLModel
-from pcl_scale.data import IndexedImages, seed_worker
+from pcl_scale.data import DeviceInput, IndexedImages, seed_worker
 from pcl_scale.distributed.comm import Comm
 from pcl_scale.engine.seeding import SeedStream, derive_seed
 
@@ -97,6 +97,7 @@ def fill_queue(
     comm: Comm,
     local_batch: int,
     autocast: Callable[[], Any],
+    to_input: DeviceInput,
 ) -> None:
     """Fill the whole queue with keys of real training images before the first step.
 
@@ -105,7 +106,8 @@ def fill_queue(
     embeds a seeded random draw of key views, shuffled BatchNorm as in training, the same draw on
     every rank; the gathered keys fill the queue and the pointer ends at 0.
 
-    ``view`` yields ``(key view, index)``: one augmentation per image, not the training pair.
+    ``view`` yields ``(key view, index)`` for ``(round, index)`` keys: one augmentation per
+    image and round over the dataset, not the training pair.
     """
     seed = cfg.run.seed
     size = inner.queue.shape[0]
@@ -114,24 +116,27 @@ def fill_queue(
     g = torch.Generator().manual_seed(derive_seed(seed, SeedStream.QUEUE_FILL, 0, 0, 0))
     rounds = -(-batches * global_batch // len(view))  # a queue longer than the dataset repeats it
     order = torch.cat([torch.randperm(len(view), generator=g) for _ in range(rounds)])
-    mine = order[: batches * global_batch].view(batches, comm.world_size, local_batch)[:, comm.rank]
+    keyed = torch.stack([torch.arange(order.numel()) // len(view), order], dim=1)  # (round, idx)
+    mine = keyed[: batches * global_batch].view(batches, comm.world_size, local_batch, 2)
     loader = DataLoader(
         view,
         batch_size=local_batch,
-        sampler=mine.flatten().tolist(),
+        sampler=[(r, i) for r, i in mine[:, comm.rank].reshape(-1, 2).tolist()],  # O(queue) keys
         num_workers=cfg.data.num_workers,
         worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(
             derive_seed(seed, SeedStream.QUEUE_FILL, 0, 1, comm.rank)
         ),
     )
-    device = inner.queue.device
+    device = to_input.device
     keys = []
     with torch.no_grad(), autocast():
         for step, (im_k, _) in enumerate(loader):
             gen = torch.Generator().manual_seed(
                 derive_seed(seed, SeedStream.QUEUE_FILL, 1, step, 0)
             )
-            keys.append(shuffled_keys(inner.embed, im_k.to(device), comm, gen).gathered.float())
+            im_k = im_k.to(device, non_blocking=True)
+            encode = lambda images: inner.embed(to_input(images))  # noqa: E731
+            keys.append(shuffled_keys(encode, im_k, comm, gen).gathered.float())
     inner.queue_ptr.zero_()
     inner.enqueue(torch.cat(keys)[:size])  # a full turn: the pointer is back at 0

@@ -14,14 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from pcl_scale.artifacts import METRICS_FILE, TrainState
 from pcl_scale.config import Config, local_batch_size, save_config, steps_per_epoch
 from pcl_scale.core.clusters import ClusterResult
 from pcl_scale.core.kmeans import KMeansOptions, resolve_backend
 from pcl_scale.core.model import BackboneSpec, PCLModel
-from pcl_scale.data import IndexedImages, eval_transform, load_split, train_transform
+from pcl_scale.data import (
+    DeviceInput,
+    IndexedImages,
+    device_input,
+    eval_transform,
+    load_split,
+    train_transform,
+)
 from pcl_scale.distributed.comm import Comm
 from pcl_scale.distributed.estep import ClusteringPlan, choose_mode, estep
 from pcl_scale.distributed.extract import ExtractOptions, StopRequestedError
@@ -29,7 +35,12 @@ from pcl_scale.engine.checkpoint import Layout, agreed_resume, load_checkpoint, 
 from pcl_scale.engine.evaluate import evaluate, monitor_knn
 from pcl_scale.engine.export import export_backbone, push_to_hub
 from pcl_scale.engine.keys import fill_queue
-from pcl_scale.engine.loaders import drop_undecodable, make_loader
+from pcl_scale.engine.loaders import (
+    EpochLoader,
+    augmented_view,
+    drop_undecodable,
+    loader_options,
+)
 from pcl_scale.engine.mstep import EpochContext, train_one_epoch
 from pcl_scale.engine.runtime import (
     autocast_context,
@@ -39,8 +50,10 @@ from pcl_scale.engine.runtime import (
     model_state,
     set_deepspeed_batch,
     shutdown,
+    speed_up,
     sync_buffers,
     unwrap,
+    uses_channels_last,
     zero_stage,
 )
 from pcl_scale.engine.seeding import (
@@ -86,6 +99,8 @@ class Run:
     state: TrainState
     clusters: ClusterResult | None
     resumed: bool
+    input: DeviceInput  # uint8 views to normalised (channels-last) device batches
+    views: dict[str, IndexedImages] = field(default_factory=dict)  # built once per run
 
     @property
     def run_dir(self) -> Path:
@@ -99,8 +114,13 @@ class Run:
     def steps(self) -> int:
         return steps_per_epoch(self.cfg, len(self.train_ds), self.comm.world_size)
 
-    def view(self, transform: Any) -> IndexedImages:
-        return IndexedImages(self.train_ds, self.cfg.data.image_column, transform)
+    def estep_view(self) -> IndexedImages:
+        """The E-step's deterministic view, one object per run (its loader and workers persist)."""
+        if "estep" not in self.views:
+            view = IndexedImages(self.train_ds, self.cfg.data.image_column,
+                                 eval_transform(self.cfg.data))  # fmt: skip
+            self.views["estep"] = view
+        return self.views["estep"]
 
 
 def train(cfg: Config) -> RunResult:
@@ -116,7 +136,9 @@ def train(cfg: Config) -> RunResult:
 def run_epochs(run: Run) -> RunResult:
     """The epochs from where the run stands, then :func:`finish`."""
     start_epoch = run.state.epoch
-    train_view = run.view(train_transform(run.cfg.data))
+    train_view = augmented_view(run.cfg, run.train_ds, train_transform(run.cfg.data),
+                                SeedStream.AUGMENT)  # fmt: skip
+    batches = EpochLoader(run.cfg, train_view, run.comm, run.local_batch, run.input.device)
     for epoch in range(start_epoch, run.cfg.optim.epochs):
         before_estep = rng_state()
         try:
@@ -125,8 +147,11 @@ def run_epochs(run: Run) -> RunResult:
             restore_rng_state(before_estep)
             save(run)
             return interrupted(run, epoch - start_epoch)
-        ctx, batches = epoch_context(run, epoch), loader(run, train_view, epoch)
-        if not train_one_epoch(ctx, batches, run.stop, run.run_dir):  # stopped by a signal
+        skip = run.state.step_in_epoch * run.cfg.optim.grad_accum  # a mid-epoch resume
+        ctx = epoch_context(run, epoch)
+        if not train_one_epoch(
+            ctx, batches.epoch(epoch, skip), run.stop, run.run_dir
+        ):  # stopped by a signal
             return interrupted(run, epoch - start_epoch)
         if not end_of_epoch(run, epoch):  # stopped during the kNN check
             return interrupted(run, epoch + 1 - start_epoch)
@@ -149,10 +174,12 @@ def setup(cfg: Config, accelerator: Any, stop: StopRequest) -> Run:
     model, optimizer = prepare_model(cfg, accelerator, local_batch_size(cfg, comm.world_size))
     layout = Layout(distributed_kind(accelerator), comm.world_size)
     state, clusters, resumed = resume(cfg, accelerator, layout, comm)
+    to_input = device_input(cfg.data, accelerator.device, uses_channels_last(cfg, accelerator))
     run = Run(
         cfg, accelerator, comm, stop, train_ds, model, optimizer, layout,
         JsonlLogger(run_dir / METRICS_FILE, accelerator, comm.is_main),
-        extract_options(cfg, accelerator, comm, stop), state, clusters, resumed,
+        extract_options(cfg, accelerator, comm, stop, to_input), state, clusters, resumed,
+        to_input,
     )  # fmt: skip
     if not resumed and cfg.pcl.queue_init == "keys":
         initial_queue(run)
@@ -185,6 +212,9 @@ def prepare_model(cfg: Config, accelerator: Any, local_batch: int) -> tuple[Any,
         momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay,
     )
+    faster = speed_up(model, cfg, accelerator)
+    if faster:
+        accelerator.print(f"encoders: {', '.join(faster)}")
     set_deepspeed_batch(accelerator, local_batch)
     model, optimizer = accelerator.prepare(model, optimizer)
     deepspeed_settings = describe_deepspeed(accelerator)
@@ -206,8 +236,11 @@ def resume(
     return state, clusters, True
 
 
-def extract_options(cfg: Config, accelerator: Any, comm: Comm, stop: StopRequest) -> ExtractOptions:
-    """How the E-step and evaluation run the encoders over a dataset (a stop ends them)."""
+def extract_options(
+    cfg: Config, accelerator: Any, comm: Comm, stop: StopRequest, to_input: DeviceInput
+) -> ExtractOptions:
+    """How the E-step and evaluation run the encoders over a dataset (a stop ends them); the
+    loaders of views seen again (the E-step's) are kept with their workers."""
     return ExtractOptions(
         stop=lambda: stop.agreed(comm),
         batch_size=cfg.estep.batch_size or 5 * local_batch_size(cfg, comm.world_size),
@@ -216,6 +249,9 @@ def extract_options(cfg: Config, accelerator: Any, comm: Comm, stop: StopRequest
         autocast=autocast_context(accelerator, cfg),
         progress=comm.is_main,
         collective=zero_stage(accelerator) == 3,
+        to_input=to_input,
+        loader_options=loader_options(cfg, accelerator.device),
+        cache={},
     )
 
 
@@ -223,9 +259,10 @@ def initial_queue(run: Run) -> None:
     """Fill the queue with keys of training images (``pcl.queue_init=keys``), timed in the log."""
     t0 = time.perf_counter()
     run.model.train()
-    key_view = run.view(train_transform(run.cfg.data).transform)
+    key_view = augmented_view(run.cfg, run.train_ds, train_transform(run.cfg.data).transform,
+                              SeedStream.QUEUE_FILL)  # fmt: skip
     fill_queue(run.cfg, unwrap(run.accelerator, run.model), key_view, run.comm, run.local_batch,
-               autocast_context(run.accelerator, run.cfg))  # fmt: skip
+               autocast_context(run.accelerator, run.cfg), run.input)  # fmt: skip
     run.logger.log({"event": "queue_fill", "seconds": time.perf_counter() - t0}, 0)
 
 
@@ -245,11 +282,10 @@ def maybe_estep(run: Run, epoch: int) -> ClusterResult | None:
         return None
     if not estep_due(run, epoch):
         return run.clusters
-    cfg = run.cfg
     inner = unwrap(run.accelerator, run.model)
     sync_buffers(inner, run.comm)
     inner.eval()
-    eval_view = run.view(eval_transform(cfg.data))
+    eval_view = run.estep_view()
     plan, choices = clustering_plan(run)
     if not any(r.get("event") == "estep" for r in run.logger.records):  # once per process
         mode, backend = choices["mode_reason"], choices["backend_reason"]
@@ -292,14 +328,8 @@ def clustering_plan(run: Run) -> tuple[ClusteringPlan, dict[str, str]]:
 def epoch_context(run: Run, epoch: int) -> EpochContext:
     return EpochContext(
         run.cfg, run.accelerator, run.model, run.optimizer, run.clusters, run.comm,
-        run.logger, run.state, epoch, run.steps, run.layout,
+        run.logger, run.state, epoch, run.steps, run.layout, run.input,
     )  # fmt: skip
-
-
-def loader(run: Run, view: IndexedImages, epoch: int) -> DataLoader:
-    """This epoch's loader; a mid-epoch resume skips the micro-batches already trained on."""
-    skip = run.state.step_in_epoch * run.cfg.optim.grad_accum
-    return make_loader(run.cfg, view, run.comm, run.local_batch, epoch, skip=skip)
 
 
 def end_of_epoch(run: Run, epoch: int) -> bool:

@@ -18,6 +18,7 @@ from pcl_scale.core.loss import LossOutput, PCLLoss
 from pcl_scale.core.model import PCLModel
 from pcl_scale.core.schedules import learning_rate
 from pcl_scale.core.seeds import mix_seed
+from pcl_scale.data import DeviceInput
 from pcl_scale.distributed.comm import Comm
 from pcl_scale.engine.checkpoint import Layout, TrainState, save_checkpoint
 from pcl_scale.engine.keys import shuffled_keys
@@ -42,6 +43,7 @@ class EpochContext:
     epoch: int
     steps: int  # optimizer steps in this epoch
     layout: Layout
+    input: DeviceInput  # loaded uint8 views -> normalised batches on the device
     autocast: Callable[[], Any] = field(init=False)
     loss: PCLLoss = field(init=False)
     inner: PCLModel = field(init=False)  # the model inside its DDP/DeepSpeed wrapper
@@ -134,9 +136,14 @@ def log_interval(ctx: EpochContext, meter: Meter, lr: float, run_dir: Path, bar:
 
 
 def checkpoint_or_stop(ctx: EpochContext, meter: Meter, stop: StopRequest, run_dir: Path) -> bool:
-    """Checkpoint on the step cadence or a stop request; False when the run must stop."""
+    """Checkpoint on the step cadence or a stop request; False when the run must stop.
+
+    The ranks agree on a stop every ``run.stop_check_every`` steps only: the agreement is a
+    blocking all-reduce that waits for the device, which would stall the step pipeline.
+    """
     every = ctx.cfg.run.checkpoint_every_steps
-    stopping = stop.agreed(ctx.comm)
+    due = ctx.state.global_step % ctx.cfg.run.stop_check_every == 0
+    stopping = due and stop.agreed(ctx.comm)
     if stopping or (every and ctx.state.global_step % every == 0):
         meter.raise_if_diverged(ctx.comm, run_dir)  # never checkpoint a diverged model
         ctx.checkpoint(run_dir)
@@ -153,11 +160,17 @@ def train_step(
     """
     cfg, accelerator, comm, inner = ctx.cfg, ctx.accelerator, ctx.comm, ctx.inner
     device = accelerator.device
-    im_q, im_k = im_q.to(device), im_k.to(device)  # the index stays on the host (positives)
+    # the key images cross ranks as uint8 (a quarter of the bytes) and are normalised where they
+    # are encoded; the index stays on the host (positives)
+    im_k = im_k.to(device, non_blocking=True)
+
+    def encode_keys(images: Tensor) -> Tensor:
+        return inner.embed(ctx.input(images))
+
     step_seed = derive_seed(cfg.run.seed, SeedStream.STEP, ctx.epoch, ctx.state.global_step, micro)
     with accelerator.accumulate(ctx.model), ctx.autocast():
-        q, _ = ctx.model(im_q)
-        keys = shuffled_keys(inner.embed, im_k, comm, torch.Generator().manual_seed(step_seed))
+        q, _ = ctx.model(ctx.input(im_q))
+        keys = shuffled_keys(encode_keys, im_k, comm, torch.Generator().manual_seed(step_seed))
         k = keys.local
         gen = torch.Generator(device=device).manual_seed(mix_seed(step_seed, comm.rank))
         out = ctx.loss(q, k, inner.queue, index, ctx.clusters, generator=gen)

@@ -55,14 +55,17 @@ def make_accelerator(cfg: Config) -> Any:
             project_dir=cfg.run.output_dir, logging_dir=cfg.run.output_dir
         ),
     )
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     timeout = timedelta(minutes=cfg.run.collective_timeout_min)
     if not deepspeed_requested():
+        # buffers are synchronised where they are read (sync_buffers): DDP's broadcast of every
+        # buffer (BatchNorm statistics, the queue) at each forward would only add traffic
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
         return Accelerator(
             cpu=not on_gpu,
             mixed_precision=cfg.run.mixed_precision,
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout), ddp],
             **common,
         )
     plugin = _deepspeed_plugin(cfg, on_gpu)
@@ -164,6 +167,36 @@ def check_deepspeed_config(ds: dict[str, Any], cfg: Config, world_size: str | in
 
 def _enabled(block: Any) -> bool:
     return isinstance(block, dict) and str(block.get("enabled", False)).lower() == "true"
+
+
+def uses_channels_last(cfg: Config, accelerator: Any) -> bool:
+    """``run.channels_last``: 'auto' is on for ResNets on CUDA (tensor-core convolutions want
+    NHWC), off elsewhere (CPU convolutions and ViTs gain nothing)."""
+    if cfg.run.channels_last != "auto":
+        return cfg.run.channels_last == "true"
+    return accelerator.device.type == "cuda" and cfg.model.backbone.startswith("resnet")
+
+
+def speed_up(model: PCLModel, cfg: Config, accelerator: Any) -> list[str]:
+    """Channels-last weights and compiled encoders, as the run asks; what was done, for the log.
+
+    ``Module.compile`` compiles in place, so parameter names, the EMA and the exports are those
+    of the eager model.
+    """
+    done = []
+    if uses_channels_last(cfg, accelerator):
+        model.to(memory_format=torch.channels_last)
+        done.append("channels_last")
+    if cfg.run.compile:
+        if deepspeed_requested():
+            raise ConfigError(
+                "run.compile=true under DeepSpeed: pcl-scale compiles only under DDP or on one "
+                'process; use DeepSpeed\'s own "compile" config instead, or run.compile=false'
+            )
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+        done.append("torch.compile")
+    return done
 
 
 def zero_stage(accelerator: Any) -> int:

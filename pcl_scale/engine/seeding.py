@@ -19,8 +19,8 @@ class SeedStream(IntEnum):
     """What a derived seed is for (the values are part of every run's reproducibility)."""
 
     SETUP = 0  # global RNGs per rank; the initial weights and queue (rank 0's seed everywhere)
-    AUGMENT = 1  # an epoch's augmentations in the main process (data.num_workers=0)
-    LOADER = 2  # an epoch's DataLoader generator (worker seeds)
+    AUGMENT = 1  # a training sample's augmentations in an epoch (seeded per epoch and index)
+    LOADER = 2  # the training DataLoader's generator (worker seeds)
     STEP = 3  # a micro-batch's key shuffle and negative-prototype draw
     QUEUE_FILL = 4  # the images, workers and shuffles of the initial queue fill
 

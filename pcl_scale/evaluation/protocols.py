@@ -82,7 +82,9 @@ def evaluate_export(
     data = data_for_export(config, data)
     splits = [load_split(data, data.split), load_split(data, data.eval_split)]
     labels = split_labels(splits, data)
-    views = [IndexedImages(ds, data.image_column, eval_transform(data)) for ds in splits]
+    views = [
+        IndexedImages(ds, data.image_column, eval_transform(data, as_uint8=False)) for ds in splits
+    ]
     opts = ExtractOptions(options.batch_size, data.num_workers, device)
     protocols = applicable(options.protocols, labels[0])
     report: dict[str, dict[str, Any]] = {}
