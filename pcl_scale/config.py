@@ -63,6 +63,14 @@ class DataConfig:
         default=0.0,
         metadata=_help("random shear along x in [-d, d] degrees before the crop (0 = off)"),
     )
+    photometric: str = field(
+        default="workers",
+        metadata=_help(
+            "where the colour jitter, grayscale and blur run: 'workers' (PIL, as the reference) "
+            "or 'device' (batched on the GPU with per-sample parameters; workers only decode, "
+            "crop and flip: about 3x the samples per worker, docs/benchmarks.md)"
+        ),
+    )
     max_samples: int = field(default=0, metadata=_help("use the first N samples (0 = all)"))
     on_bad_image: str = field(
         default="fail",

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torchvision import transforms as T
 
 from pcl_scale.config import DataConfig
+from pcl_scale.core.photometric import Photometric, photometric_for
 from pcl_scale.core.seeds import mix_seed
 from pcl_scale.errors import DataError
 
@@ -264,7 +265,9 @@ def train_transform(cfg: DataConfig) -> TwoCrops:
     normalisation run batched on the device (:class:`DeviceInput`).
 
     ``rotate_degrees`` / ``shear_degrees`` put a random affine map before the crop (for digits and
-    other images whose class survives small rotations but not mirroring).
+    other images whose class survives small rotations but not mirroring). With
+    ``photometric=device`` the workers stop after the crop and flip; the colour jitter, grayscale
+    and blur run batched on the device (``core.photometric``).
     """
     crop: Any = T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_scale, 1.0))
     if cfg.rotate_degrees or cfg.shear_degrees:
@@ -273,6 +276,8 @@ def train_transform(cfg: DataConfig) -> TwoCrops:
         crop = T.Compose([affine, crop])
     flip = [T.RandomHorizontalFlip()] if cfg.hflip else []
     tail = [*flip, T.PILToTensor()]  # uint8: cast and normalised on the device (DeviceInput)
+    if cfg.photometric == "device":
+        return TwoCrops(T.Compose([crop, *tail]))
     if cfg.aug == "aug_plus":
         scale = cfg.image_size / 224.0
         ops = [
@@ -302,27 +307,36 @@ class DeviceInput:
     memory), uint8 views cast and normalised there, float views passed as they are.
 
     The cast is ToTensor's and the normalisation Normalize's, in the same order, so the result
-    equals the worker-side float pipeline's bit for bit on the same device.
+    equals the worker-side float pipeline's bit for bit on the same device. With ``augment``
+    (``data.photometric=device``) and a generator, the photometric augmentations run between the
+    cast and the normalisation.
     """
 
     device: torch.device
     mean: tuple[float, ...]
     std: tuple[float, ...]
     channels_last: bool = False
+    augment: Photometric | None = None
 
-    def __call__(self, images: Tensor) -> Tensor:
+    def __call__(self, images: Tensor, gen: torch.Generator | None = None) -> Tensor:
         x = images.to(self.device, non_blocking=True)
         if x.dtype == torch.uint8:
             mean = torch.as_tensor(self.mean, device=x.device).view(-1, 1, 1)
             std = torch.as_tensor(self.std, device=x.device).view(-1, 1, 1)
-            x = x.float().div_(255).sub_(mean).div_(std)
+            x = x.float().div_(255)
+            if self.augment is not None and gen is not None:
+                x = self.augment(x, gen)
+            x = x.sub_(mean).div_(std)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
 
 def device_input(cfg: DataConfig, device: torch.device, channels_last: bool = False) -> DeviceInput:
-    return DeviceInput(device, tuple(cfg.mean), tuple(cfg.std), channels_last)
+    """The run's :class:`DeviceInput`: its normalisation, and the photometric augmentations when
+    ``data.photometric=device``."""
+    augment = photometric_for(cfg.aug, cfg.image_size) if cfg.photometric == "device" else None
+    return DeviceInput(device, tuple(cfg.mean), tuple(cfg.std), channels_last, augment)
 
 
 SampleKey = tuple[int, int]  # (epoch, dataset index): what a seeded sampler yields

@@ -22,6 +22,7 @@ from pcl_scale.core.model import RESNETS, VITS
 _CHOICES = {
     ("data", "aug"): ("aug", "aug_plus"),
     ("data", "on_bad_image"): ("fail", "skip"),
+    ("data", "photometric"): ("workers", "device"),
     ("model", "head"): ("linear", "mlp"),
     ("pcl", "queue_init"): ("keys", "random"),
     ("estep", "backend"): ("auto", "torch", "faiss"),

@@ -1,3 +1,5 @@
+from typing import Any
+
 import datasets
 import pytest
 import torch
@@ -175,7 +177,7 @@ def test_uint8_views_normalised_on_the_device_equal_the_float_pipeline(tiny_data
     ds = load_split(cfg)
     to_input = device_input(cfg, torch.device("cpu"))
     float_tail = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
-    uint8_view = train_transform(cfg).transform
+    uint8_view: Any = train_transform(cfg).transform  # a Compose
     reference = T.Compose([*uint8_view.transforms[:-1], float_tail])  # PILToTensor -> float
     for i in range(6):
         image = ds[i]["image"].convert("RGB")

@@ -80,7 +80,7 @@ def test_every_protocol_for_learned_and_raw_features(tiny_run, module_tiny_datas
     views, labels = [], []
     for split in ("train", "test"):
         ds = load_split(data, split)
-        view = IndexedImages(ds, "image", eval_transform(data))
+        view = IndexedImages(ds, "image", eval_transform(data, as_uint8=False))
         views.append(torch.stack([view[i][0].flatten() for i in range(len(view))]))
         lab = labels_of(ds, data)
         assert lab is not None

@@ -315,3 +315,18 @@ def test_two_nodes_cluster_once_on_global_rank_0(tmp_path, tiny_dataset_dir):
     assert [c["cluster_features"] for c in calls] == [2, 0]
     assert_identical(*clusters)
     assert losses(histories[0]) == losses(histories[1])
+
+
+@pytest.mark.parametrize("aug", ["aug", "aug_plus"])
+def test_device_photometric_trains_and_is_seeded(tmp_path, tiny_dataset_dir, aug):
+    """data.photometric=device: workers crop and flip only; the run is reproducible."""
+    extra = {"data.photometric": "device", "data.aug": aug, "optim.epochs": 2}
+    runs = [
+        train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / name, **extra)))
+        for name in ("a", "b")
+    ]
+    assert all(math.isfinite(v) for v in losses(runs[0].history))
+    assert losses(runs[0].history) == losses(runs[1].history)
+    pil = {**extra, "data.photometric": "workers"}
+    workers_side = train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "c", **pil)))
+    assert losses(workers_side.history) != losses(runs[0].history)

@@ -136,7 +136,10 @@ def fill_queue(
                 derive_seed(seed, SeedStream.QUEUE_FILL, 1, step, 0)
             )
             im_k = im_k.to(device, non_blocking=True)
-            encode = lambda images: inner.embed(to_input(images))  # noqa: E731
+            augment = torch.Generator(device=device).manual_seed(
+                derive_seed(seed, SeedStream.QUEUE_FILL, 2, step, comm.rank)
+            )  # the device-side photometric augmentations, if any
+            encode = lambda images, g=augment: inner.embed(to_input(images, g))  # noqa: E731
             keys.append(shuffled_keys(encode, im_k, comm, gen).gathered.float())
     inner.queue_ptr.zero_()
     inner.enqueue(torch.cat(keys)[:size])  # a full turn: the pointer is back at 0

@@ -164,12 +164,18 @@ def train_step(
     # are encoded; the index stays on the host (positives)
     im_k = im_k.to(device, non_blocking=True)
 
-    def encode_keys(images: Tensor) -> Tensor:
-        return inner.embed(ctx.input(images))
-
     step_seed = derive_seed(cfg.run.seed, SeedStream.STEP, ctx.epoch, ctx.state.global_step, micro)
+    # device-side photometric augmentations (data.photometric=device): one stream per view
+    augment_q, augment_k = (
+        torch.Generator(device=device).manual_seed(mix_seed(step_seed, comm.rank, view))
+        for view in (1, 2)
+    )
+
+    def encode_keys(images: Tensor) -> Tensor:
+        return inner.embed(ctx.input(images, augment_k))
+
     with accelerator.accumulate(ctx.model), ctx.autocast():
-        q, _ = ctx.model(ctx.input(im_q))
+        q, _ = ctx.model(ctx.input(im_q, augment_q))
         keys = shuffled_keys(encode_keys, im_k, comm, torch.Generator().manual_seed(step_seed))
         k = keys.local
         gen = torch.Generator(device=device).manual_seed(mix_seed(step_seed, comm.rank))
