@@ -46,7 +46,9 @@ def jpeg_dataset(n: int, root: Path) -> Any:
     blobs = []
     for _ in range(n):
         low = rng.integers(0, 255, (24, 32, 3)).astype(np.uint8)
-        smooth = np.asarray(Image.fromarray(low).resize((500, 375), Image.Resampling.BICUBIC), np.float64)
+        smooth = np.asarray(
+            Image.fromarray(low).resize((500, 375), Image.Resampling.BICUBIC), np.float64
+        )
         pixels = np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, "JPEG", quality=90)

@@ -330,3 +330,17 @@ def test_device_photometric_trains_and_is_seeded(tmp_path, tiny_dataset_dir, aug
     pil = {**extra, "data.photometric": "workers"}
     workers_side = train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "c", **pil)))
     assert losses(workers_side.history) != losses(runs[0].history)
+
+
+@pytest.mark.parametrize("option", ["run.channels_last", "run.compile"])
+def test_step_options_give_the_eager_losses(tmp_path, tiny_dataset_dir, option):
+    """channels-last and torch.compile change how the step runs, not what it computes (InfoNCE
+    steps only: a k-means between them would amplify float rounding into other assignments)."""
+    extra = {"optim.epochs": 2, "run.max_steps_per_epoch": 2, "pcl.warmup_epochs": 2}
+    runs = [
+        train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / value,
+                                               **{**extra, option: value})))
+        for value in ("false", "true")
+    ]  # fmt: skip
+    eager, fast = losses(runs[0].history), losses(runs[1].history)
+    assert len(eager) == 4 and fast == pytest.approx(eager, rel=1e-3, abs=1e-4)
