@@ -73,13 +73,18 @@ class Pair:
         return self.transform(image), self.transform(image)
 
 
-def per_worker_rate(view: IndexedImages, keys: list[Any], batch: int, prefetch: int) -> float:
-    """Samples/s of one worker process, after its first batch (worker start excluded)."""
+def per_worker_rate(
+    view: IndexedImages, keys: list[Any], batch: int, prefetch: int, workers: int = 1
+) -> float:
+    """Samples/s of ``workers`` worker processes (per worker when 1), after their first batch
+    each (worker start excluded); pinned batches when CUDA is present, as the trainer's."""
     loader = DataLoader(
-        view, batch_size=batch, sampler=keys, num_workers=1, prefetch_factor=prefetch
-    )
+        view, batch_size=batch, sampler=keys, num_workers=workers, prefetch_factor=prefetch,
+        pin_memory=torch.cuda.is_available(),
+    )  # fmt: skip
     it = iter(loader)
-    next(it)
+    for _ in range(workers):
+        next(it)
     t0, count = time.perf_counter(), 0
     for _, index in it:
         count += len(index)
@@ -95,16 +100,14 @@ def sample_bytes(view: IndexedImages, key: Any) -> int:
 def profile(ds: Any, cfg: DataConfig, n: int) -> dict[str, float]:
     """Milliseconds per two-view sample of each ``aug_plus`` stage, weighted by its probability."""
     torch.set_num_threads(1)
-    images = [ds[i]["image"] for i in range(n)]
 
     def ms(fn: Any, xs: list[Any]) -> tuple[float, list[Any]]:
         t0 = time.perf_counter()
         out = [fn(x) for x in xs]
         return (time.perf_counter() - t0) / len(xs) * 1e3, out
 
-    # a fresh decode per timing: datasets hands out lazily decoded PIL images
-    decode, rgb = ms(lambda im: im.convert("RGB"), [ds[i]["image"] for i in range(n)])
-    del images
+    # datasets decodes the JPEG when the row is read (Image.load): time the read and the RGB view
+    decode, rgb = ms(lambda i: ds[i]["image"].convert("RGB"), list(range(n)))
     crop, crops = ms(T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_scale, 1.0)), rgb)
     jitter, _ = ms(T.ColorJitter(0.4, 0.4, 0.4, 0.1), crops)
     gray, _ = ms(T.Grayscale(3), crops)
@@ -131,6 +134,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prefetch", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--target", type=float, default=1550.0, help="two-view samples/s per GPU")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="also the rate of this many workers together"
+    )
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,6 +173,12 @@ def main() -> None:
             }
             for name, view in estep_views.items()
         }
+        if args.workers:
+            many = keys * max(1, 8 * args.workers * args.batch // len(keys))  # several rounds
+            report["workers"] = {
+                name: per_worker_rate(view, many, args.batch, 4, args.workers)
+                for name, view in train_views.items()
+            }
         report["prefetch"] = {
             str(p): per_worker_rate(train_views["uint8"], keys, args.batch, p)
             for p in args.prefetch
@@ -199,6 +211,8 @@ def print_report(report: dict[str, Any], target: float) -> None:
             f"(x{row['samples_per_s_per_worker'] / base_e['samples_per_s_per_worker']:.2f}), "
             f"{row['bytes_per_sample']:7d} B/sample"
         )
+    for name, rate in report.get("workers", {}).items():
+        print(f"  {name:30s} {rate:7.1f} two-view samples/s with all the workers together")
     print("\nprefetch_factor, uint8 pipeline, one worker:")
     for depth, rate in report["prefetch"].items():
         print(f"  {depth:>3s}: {rate:6.1f} /s")

@@ -37,7 +37,7 @@ KS = (25_000, 50_000, 100_000)
 NITER, NREDO = 20, 5
 PARAMS = 25.6e6  # ResNet-50 (+ head); the momentum encoder and SGD momentum triple it
 BATCH = 128  # per GPU
-IMAGE_BYTES = 3 * 224 * 224 * 4  # a float32 view, as the loaders send it
+IMAGE_BYTES = 3 * 224 * 224  # a uint8 view, as the loaders send it (float32 before: x4)
 QUERIES, KNN_K = 50_000, 200
 EVAL_NITER, EVAL_NREDO, CLASSES = 100, 10, 1000
 GPUS_PER_NODE = 8
@@ -104,10 +104,20 @@ def mstep(s: Scale) -> Phase:
 
 
 def shuffle_exchange(s: Scale) -> Phase:
-    """Today's shuffled BatchNorm: every rank receives every rank's key images, every step."""
-    per_step = (s.w - 1) * BATCH * IMAGE_BYTES
+    """Shuffled BatchNorm: one all_to_all of the uint8 key images each rank encodes (B per rank
+    at most), then the keys gathered once (unshuffle and queue)."""
+    images = BATCH * (1 - 1 / s.w) * IMAGE_BYTES
+    keys = (s.w - 1) * BATCH * D * 4
+    per_step = images + keys
     return Phase(s.steps * per_step / s.bandwidth, traffic=s.steps * per_step,
-                 memory=s.w * BATCH * IMAGE_BYTES)  # fmt: skip
+                 memory=BATCH * IMAGE_BYTES)  # fmt: skip
+
+
+def shuffle_exchange_before(s: Scale) -> Phase:
+    """The exchange before: every rank's float32 key images to every rank, every step."""
+    per_step = (s.w - 1) * BATCH * IMAGE_BYTES * 4
+    return Phase(s.steps * per_step / s.bandwidth, traffic=s.steps * per_step,
+                 memory=s.w * BATCH * IMAGE_BYTES * 4)  # fmt: skip
 
 
 def knn(s: Scale) -> Phase:
@@ -146,7 +156,10 @@ def phases(s: Scale) -> dict[str, Phase]:
         "E-step extraction": extraction(s, s.local, D),
         "E-step clustering (sharded)": clustering(s),
         "M-step (DDP)": mstep(s),
-        "M-step shuffled-BN exchange (issue 27)": shuffle_exchange(s),
+        "M-step shuffled-BN exchange (all_to_all, uint8)": shuffle_exchange(s),
+        "M-step shuffled-BN exchange before (all-gather, float32; not summed)": (
+            shuffle_exchange_before(s)
+        ),
         "kNN check": knn(s),
         "checkpoint": checkpoint(s),
         "final evaluation (once)": final_evaluation(s),
@@ -170,11 +183,16 @@ def main() -> None:
         for name, p in rows.items():
             print(f"| {name} | {p.seconds:,.2f} | {p.alone:.3f} | {fmt_bytes(p.traffic)} | "
                   f"{fmt_bytes(p.memory)} |")  # fmt: skip
-        epoch = sum(p.seconds for k, p in rows.items() if "once" not in k and "27" not in k)
+        epoch = sum(p.seconds for k, p in rows.items() if "once" not in k and "before" not in k)
         estep = sum(p.seconds for k, p in rows.items() if k.startswith("E-step"))
-        shuffle = rows["M-step shuffled-BN exchange (issue 27)"].seconds
-        print(f"\nepoch without the shuffled-BN exchange: {epoch:,.1f} s (E-step "
-              f"{estep / epoch:.0%}); with today's exchange: {epoch + shuffle:,.1f} s")  # fmt: skip
+        shares = ", ".join(
+            f"every {e}: {estep / e / (epoch - estep + estep / e):.0%}" for e in (1, 2, 4)
+        )
+        before = rows["M-step shuffled-BN exchange before (all-gather, float32; not summed)"]
+        now = rows["M-step shuffled-BN exchange (all_to_all, uint8)"]
+        with_before = epoch - now.seconds + before.seconds
+        print(f"\nepoch: {epoch:,.1f} s; E-step share of the epoch with estep.every = {shares}; "
+              f"with the exchange before: {with_before:,.1f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@
 #    and 5 back to back), ops per step and the loss alone;
 # 5. ResNet-50 at 224 px, bf16: the trainer's step under Accelerate, ZeRO-2 and ZeRO-3 against a
 #    bare PyTorch loop (images/s, peak memory);
-# 6. a short end-to-end run (digits, ZeRO-3, bf16) through `accelerate launch launch.py`.
+# 6. a short end-to-end run (digits, ZeRO-3, bf16) through `accelerate launch launch.py`;
+# 7. throughput (about 8 minutes): the PCL step at ResNet-50, 224 px, bf16, batch 128, default
+#    vs channels_last vs channels_last + compile, next to a tuned supervised step; the input
+#    pipeline with 16 workers (JPEG 500 x 375, uint8, photometric in workers or on the GPU):
+#      ONLY="cuda_tests step_options dataloader estep_clustering" bash benchmarks/gpu_check.sh OUT
 # Each step has its own time limit; a failing step is logged and the next one runs.
 # ONLY="cuda_tests train_step ..." runs just the steps named (in the order above).
 # RESULTS_DIR gets gpu.txt (card, versions), summary.md (tables), all.log, engines.jsonl.
@@ -46,7 +50,7 @@ $PY -c "import torch, triton, accelerate, deepspeed; print('torch', torch.__vers
 deepspeed.__version__)" >> "$OUT/gpu.txt" 2>&1
 
 step cuda_tests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kmeans_cuda.py tests/test_sharded_eval.py \
-  tests/test_negatives.py
+  tests/test_negatives.py tests/test_photometric.py
 step assign 150 $PY benchmarks/assign.py --tiles 128,128,8,3 256,128,8,2 128,64,4,4 256,64,8,2
 step estep_clustering 150 $PY benchmarks/estep.py --device cuda --n 1281167 \
   --ks 25000 50000 100000 --extract-n 0
@@ -60,4 +64,8 @@ step engine_zero3 90 $LAUNCH --config_file accelerate_configs/gpu_1_zero3.yaml b
 step engines_table 10 $PY benchmarks/engines.py --report "$OUT/engines.jsonl"
 step end_to_end_zero3 100 $LAUNCH --config_file accelerate_configs/gpu_1_zero3.yaml launch.py \
   run.output_dir=/tmp/pcl_e2e optim.epochs=3 pcl.warmup_epochs=1 run.mixed_precision=bf16
+step step_options 360 $PY benchmarks/step_options.py --device cuda --backbone resnet50 \
+  --image-size 224 --batch-size 128 --precision bf16 --variants default channels_last \
+  "channels_last + compile" --json "$OUT/step_options.json"
+step dataloader 150 $PY benchmarks/dataloader.py --n 256 --workers 16 --json "$OUT/dataloader.json"
 echo "done ($(date -u +%T))" | tee -a "$OUT/all.log"

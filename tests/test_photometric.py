@@ -94,3 +94,18 @@ def test_recipes_are_seeded_and_keep_the_range(aug):
     assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0 + 1e-5  # blur: rounding only
     gray = (a.max(dim=1).values - a.min(dim=1).values).amax(dim=(1, 2)) < 1e-6
     assert 0 < int(gray.sum()) < 64  # about 20% made grayscale (13 expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_ops_equal_the_cpu_ops():
+    """The batched ops on a CUDA batch give the CPU results (same parameters)."""
+    x = images(8, 32)
+    f = torch.linspace(0.6, 1.4, 8)
+    sigma = torch.linspace(0.2, 2.0, 8)
+    for op, arg in ((P.contrast, f), (P.saturation, f), (P.hue, f - 1.0)):
+        torch.testing.assert_close(op(x.cuda(), arg.cuda()).cpu(), op(x, arg), atol=1e-5, rtol=0)
+    blurred = P.gaussian_blur(x.cuda(), sigma.cuda(), 13).cpu()
+    torch.testing.assert_close(blurred, P.gaussian_blur(x, sigma, 13), atol=1e-5, rtol=0)
+    out = P.photometric_for("aug_plus", 224)(x.cuda(), torch.Generator("cuda").manual_seed(0))
+    assert out.is_cuda and out.shape == x.shape
