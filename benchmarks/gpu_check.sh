@@ -66,6 +66,6 @@ step end_to_end_zero3 100 $LAUNCH --config_file accelerate_configs/gpu_1_zero3.y
   run.output_dir=/tmp/pcl_e2e optim.epochs=3 pcl.warmup_epochs=1 run.mixed_precision=bf16
 step step_options 360 $PY benchmarks/step_options.py --device cuda --backbone resnet50 \
   --image-size 224 --batch-size 128 --precision bf16 --variants default channels_last \
-  "channels_last + compile" --json "$OUT/step_options.json"
+  "channels_last + compile" "channels_last + photometric on device" --json "$OUT/step_options.json"
 step dataloader 150 $PY benchmarks/dataloader.py --n 256 --workers 16 --json "$OUT/dataloader.json"
 echo "done ($(date -u +%T))" | tee -a "$OUT/all.log"

@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -317,12 +317,14 @@ class DeviceInput:
     std: tuple[float, ...]
     channels_last: bool = False
     augment: Photometric | None = None
+    _statistics: dict[torch.device, tuple[Tensor, Tensor]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def __call__(self, images: Tensor, gen: torch.Generator | None = None) -> Tensor:
         x = images.to(self.device, non_blocking=True)
         if x.dtype == torch.uint8:
-            mean = torch.as_tensor(self.mean, device=x.device).view(-1, 1, 1)
-            std = torch.as_tensor(self.std, device=x.device).view(-1, 1, 1)
+            mean, std = self.statistics(x.device)
             x = x.float().div_(255)
             if self.augment is not None and gen is not None:
                 x = self.augment(x, gen)
@@ -330,6 +332,14 @@ class DeviceInput:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def statistics(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(3, 1, 1) mean and std on ``device``, made once: a copy from a Python list to a GPU
+        every step would wait for the device."""
+        if device not in self._statistics:
+            mean = torch.tensor(self.mean).view(-1, 1, 1).to(device)
+            self._statistics[device] = (mean, torch.tensor(self.std).view(-1, 1, 1).to(device))
+        return self._statistics[device]
 
 
 def device_input(cfg: DataConfig, device: torch.device, channels_last: bool = False) -> DeviceInput:

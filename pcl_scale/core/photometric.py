@@ -1,10 +1,11 @@
 """The photometric augmentations of ``aug`` and ``aug_plus``, batched on the device.
 
-Colour jitter (brightness, contrast, saturation, hue in a random order per sample), random
-grayscale and Gaussian blur, each with per-sample random parameters drawn from a generator on the
-images' device. The formulas are torchvision's tensor ones (``adjust_*``, ``rgb_to_grayscale``,
-``gaussian_blur``), so CPU workers only decode, crop and flip (``data.photometric=device``);
-they are the same distributions as the PIL pipeline's, not the same pixels.
+Colour jitter (brightness, contrast, saturation, hue; per-image factors, the order drawn per
+batch), random grayscale and Gaussian blur, with per-image random parameters drawn from a
+generator on the images' device and no host synchronisation. The formulas are torchvision's
+tensor ones (``adjust_*``, ``rgb_to_grayscale``, ``gaussian_blur``), so CPU workers only decode,
+crop and flip (``data.photometric=device``); they are the same distributions as the PIL
+pipeline's, not the same pixels.
 """
 
 from __future__ import annotations
@@ -126,26 +127,28 @@ class Photometric:
         return lo + (hi - lo) * torch.rand(n, generator=gen, device=like.device, dtype=like.dtype)
 
     def colour_jitter(self, x: Tensor, gen: torch.Generator) -> Tensor:
-        """Each selected image gets all four adjustments, in its own random order."""
+        """Each image gets its own four factors (identity when it is not selected); the order of
+        the four adjustments is drawn once per batch (from a host generator seeded from
+        ``gen``), so no step waits for the device: each image's marginal distribution is
+        torchvision's, the orders of images in one batch are shared."""
         n = x.shape[0]
         b, c, s, h = self.jitter
-        factors = torch.stack(
-            [
-                self.uniform(n, max(0.0, 1 - b), 1 + b, gen, x),
-                self.uniform(n, max(0.0, 1 - c), 1 + c, gen, x),
-                self.uniform(n, max(0.0, 1 - s), 1 + s, gen, x),
-                self.uniform(n, -h, h, gen, x),
-            ]
-        )  # (4, B)
-        order = torch.rand(n, 4, generator=gen, device=x.device).argsort(dim=1)  # (B, 4)
-        chosen = torch.rand(n, generator=gen, device=x.device) < self.jitter_p
+        chosen = torch.rand(n, generator=gen, device=x.device, dtype=x.dtype) < self.jitter_p
+        draws = (
+            self.uniform(n, max(0.0, 1 - b), 1 + b, gen, x),
+            self.uniform(n, max(0.0, 1 - c), 1 + c, gen, x),
+            self.uniform(n, max(0.0, 1 - s), 1 + s, gen, x),
+            self.uniform(n, -h, h, gen, x),
+        )
+        identity = (1.0, 1.0, 1.0, 0.0)
+        factors = [
+            torch.where(chosen, f, torch.full_like(f, i))
+            for f, i in zip(draws, identity, strict=True)
+        ]
+        order = torch.randperm(4, generator=torch.Generator().manual_seed(gen.initial_seed()))
         ops = (brightness, contrast, saturation, hue)
-        x = x.clone()
-        for position in range(4):
-            for op_id, op in enumerate(ops):
-                sel = (chosen & (order[:, position] == op_id)).nonzero().squeeze(1)
-                if sel.numel():
-                    x[sel] = op(x[sel], factors[op_id, sel])
+        for op_id in order.tolist():
+            x = ops[op_id](x, factors[op_id])
         return x
 
     def random_grayscale(self, x: Tensor, gen: torch.Generator) -> Tensor:
@@ -153,17 +156,13 @@ class Photometric:
         return torch.where(chosen.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
 
     def random_blur(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        """The whole batch is blurred and the selected images kept blurred (no host sync)."""
         n = x.shape[0]
         chosen = torch.rand(n, generator=gen, device=x.device) < self.blur_p
         sigma = self.uniform(n, *self.blur_sigma, gen, x)
-        sel = chosen.nonzero().squeeze(1)
-        if not sel.numel():
-            return x
         size = 2 * math.ceil(3 * self.blur_sigma[1]) + 1  # +-3 sigma of the widest blur
         size = min(size, 2 * (min(x.shape[-2:]) - 1) - 1) | 1  # reflect padding < image side
-        x = x.clone()
-        x[sel] = gaussian_blur(x[sel], sigma[sel], max(size, 1))
-        return x
+        return torch.where(chosen.view(-1, 1, 1, 1), gaussian_blur(x, sigma, max(size, 1)), x)
 
 
 def photometric_for(aug: str, image_size: int) -> Photometric:
