@@ -344,3 +344,14 @@ def test_step_options_give_the_eager_losses(tmp_path, tiny_dataset_dir, option):
     ]  # fmt: skip
     eager, fast = losses(runs[0].history), losses(runs[1].history)
     assert len(eager) == 4 and fast == pytest.approx(eager, rel=1e-3, abs=1e-4)
+
+
+def test_worker_count_does_not_change_the_run(tmp_path, tiny_dataset_dir):
+    """Augmentations seeded per (epoch, index): 0 and 2 workers train the same losses."""
+    extra = {"optim.epochs": 2, "run.max_steps_per_epoch": 2}
+    runs = [
+        train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / str(w),
+                                               **{**extra, "data.num_workers": w})))
+        for w in (0, 2)
+    ]  # fmt: skip
+    assert losses(runs[0].history) == losses(runs[1].history)
