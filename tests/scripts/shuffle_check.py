@@ -15,7 +15,18 @@ from torch import nn
 
 from pcl_scale.distributed.comm import Comm, init_from_env
 from pcl_scale.engine.keys import shuffled_keys
-from tests.test_keys import gather_everything_keys
+
+
+def gather_everything_keys(encode, im_k, comm, gen):
+    """Every rank receives every rank's images, encodes its slice of the permutation."""
+    b = im_k.shape[0]
+    all_k = comm.all_gather_cat(im_k)
+    perm = torch.randperm(all_k.shape[0], generator=gen)
+    mine = slice(comm.rank * b, (comm.rank + 1) * b)
+    keys = comm.all_gather_cat(encode(all_k[perm[mine]]).contiguous())
+    unshuffled = torch.empty_like(keys)
+    unshuffled[perm] = keys
+    return unshuffled[mine], comm.all_gather_cat(unshuffled[mine])
 
 
 def main() -> None:
