@@ -124,7 +124,7 @@ def test_two_gloo_processes_get_the_gather_everything_keys(tmp_path):
     """The all_to_all exchange on a real gloo group: keys bit-identical to the reference."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29581", str(ROOT / "tests" / "scripts" / "shuffle_check.py"),
+        "--standalone", str(ROOT / "tests" / "scripts" / "shuffle_check.py"),
         str(tmp_path),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=300)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pcl_scale.distributed.comm import Comm, init_from_env
@@ -53,6 +54,8 @@ def main() -> None:
             }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{comm.rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()  # no gloo thread may outlive the interpreter (abort at exit)
 
 
 if __name__ == "__main__":
