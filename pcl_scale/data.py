@@ -2,8 +2,11 @@
 
 Every source ends up as a ``datasets.Dataset`` with an image column (and optionally a label
 column): the built-in ``digits`` and ``mnist`` sources are materialised once as HF datasets in a
-cache directory; a path is a ``save_to_disk`` directory, an image folder, or parquet/arrow files;
-anything else is a Hub dataset name read from the local cache. :class:`IndexedImages` returns
+cache directory; a path is a ``save_to_disk`` directory, a folder that ``datasets.load_dataset``
+reads (an image folder, a dataset repository's layout), or parquet/arrow files (one split,
+``train``); anything else is a Hub dataset name read from the local cache. Splits are only ever
+the ones the source names: a missing split is an error, never another split's images.
+:class:`IndexedImages` returns
 ``(view(s), dataset_index)``, so features are always addressed by dataset index.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import glob
 import os
 import random
+import reprlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,17 +34,24 @@ from pcl_scale.core.seeds import mix_seed
 from pcl_scale.errors import DataError
 
 BUILTINS = ("digits", "mnist")
+FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}  # data files by suffix
 
 
 def load_split(cfg: DataConfig, split: str | None = None) -> Any:
     """Load one split as a ``datasets.Dataset``, checked for columns and emptiness.
+
+    Loading the training split (``cfg.split``) also checks that ``cfg.eval_split`` exists, so a
+    run stops before training rather than at its evaluation.
 
     Args:
         cfg: the data section of the config.
         split: split name; defaults to ``cfg.split``.
     """
     split = split or cfg.split
-    ds = _load_source(cfg, split)
+    loaded = _load_source(cfg)
+    ds = _pick_split(loaded, split, cfg)
+    if cfg.eval_split and split == cfg.split:
+        _pick_split(loaded, cfg.eval_split, cfg)
     if cfg.max_samples:
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
     columns = list(ds.column_names)
@@ -71,91 +82,153 @@ def labels_of(ds: Any, cfg: DataConfig) -> Tensor | None:
     return torch.as_tensor(np.asarray(ds[cfg.label_column]), dtype=torch.int32)
 
 
-def _load_source(cfg: DataConfig, split: str) -> Any:
+def _load_source(cfg: DataConfig) -> Any:
+    """Every split of ``cfg.source``: a ``DatasetDict``, or a ``Dataset`` saved on its own."""
     import datasets
 
     source = cfg.source
     if source in BUILTINS:
-        path = materialise_builtin(source, Path(cfg.cache_dir).expanduser())
-        return _pick_split(datasets.load_from_disk(str(path)), split, source)
-    # "org/name" is a Hub name unless it exists locally; absolute, relative and home paths,
-    # globs and data files are paths.
-    looks_like_path = (
-        Path(source).expanduser().exists()
+        return datasets.load_from_disk(
+            str(materialise_builtin(source, Path(cfg.cache_dir).expanduser()))
+        )
+    if (
+        _names_files(source)
+        or Path(source).expanduser().exists()
         or source.startswith(("/", ".", "~"))
-        or any(c in source for c in "*?[")
-        or source.endswith((".parquet", ".arrow"))
-    )
-    if looks_like_path:
-        return _load_path(Path(source).expanduser(), source, split)
-    try:
-        return datasets.load_dataset(source, split=split)
-    except Exception as err:  # offline cache miss, unknown split, bad name: all user-fixable
-        raise DataError(
-            f"cannot load Hugging Face dataset {source!r} (split {split!r}): {err}. Runs read the"
-            f" Hub offline: download it once with datasets.load_dataset({source!r}) on a machine"
-            f" with internet (same HF_HOME), or pass a local path as data.source."
-        ) from err
+    ):
+        return _load_path(Path(source).expanduser(), cfg)
+    # "org/name": a Hub dataset, read offline from the local cache
+    return _load_layout(source, cfg, hint=_HUB_HINT)
 
 
-def _load_path(path: Path, source: str, split: str) -> Any:
+def _names_files(source: str) -> bool:
+    """Whether ``source`` is a glob or a data file rather than a folder or a name."""
+    return any(c in source for c in "*?[") or source.endswith(tuple(FILE_BUILDERS))
+
+
+def _load_path(path: Path, cfg: DataConfig) -> Any:
     import datasets
 
-    files = sorted(glob.glob(str(path))) if any(c in source for c in "*?[") else []
-    if path.is_file():
-        files = [str(path)]
-    if files:
-        kinds = sorted({Path(f).suffix for f in files})
-        builders = {".parquet": "parquet", ".arrow": "arrow"}
-        if len(kinds) != 1 or kinds[0] not in builders:
-            raise DataError(
-                f"data.source {source!r} matches files of types {kinds}: pass .parquet or "
-                f".arrow files (one kind), a directory, or a dataset name"
-            )
-        return _load_builder(source, split, builders[kinds[0]], data_files=files, split="train")
+    source = cfg.source
+    if cfg.revision:
+        raise DataError(
+            f"data.revision={cfg.revision!r} picks a version of a Hub dataset, but "
+            f"data.source={source!r} is a local path: set data.revision=''"
+        )
+    if _names_files(source) or path.is_file():
+        return _load_files(path, cfg)
     if not path.is_dir():
         raise DataError(
             f"data.source {source!r} does not exist: pass an existing directory or file, "
             f"'digits', 'mnist', or a Hugging Face dataset name"
         )
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        if cfg.data_files or cfg.name:
+            raise DataError(
+                f"data.source={source!r} is a save_to_disk directory; data.data_files and "
+                f"data.name read a folder of data files or a Hub dataset: set them to {{}} and ''"
+            )
         try:
-            loaded = datasets.load_from_disk(str(path))
+            return datasets.load_from_disk(str(path))
         except Exception as err:  # datasets fails obscurely on damaged or zero-shard saves
             raise DataError(
                 f"cannot read the saved dataset {source!r} ({type(err).__name__}: {err}); it is "
                 f"empty or damaged: save it again with Dataset.save_to_disk"
             ) from err
-        return _pick_split(loaded, split, source)
     if not any(path.iterdir()):
         raise DataError(f"data.source {source!r} is an empty directory: it holds no images")
-    return _load_builder(source, split, "imagefolder", data_dir=str(path), split=split)
+    # an image folder, or a dataset repository's layout (data/train-*.parquet, a README.md with
+    # a `configs:` block, ...): the datasets library finds the files and their splits
+    return _load_layout(str(path.resolve()), cfg, hint="")  # resolved: "." names no dataset
 
 
-def _load_builder(source: str, wanted: str, builder: str, **kwargs: Any) -> Any:
+def _load_files(path: Path, cfg: DataConfig) -> Any:
+    """A file or a glob of files: one split, ``train`` (no split names are read from them)."""
+    source = cfg.source
+    if cfg.data_files or cfg.name:
+        raise DataError(
+            f"data.source={source!r} names data files; data.data_files and data.name read a "
+            f"folder or a Hub dataset: set data.source to the folder the files are in "
+            f"(data.source=. for the working directory)"
+        )
+    files = [str(path)] if path.is_file() else sorted(glob.glob(str(path)))
+    if not files:
+        raise DataError(f"data.source {source!r} matches no files: check the path or the glob")
+    kinds = sorted({Path(f).suffix for f in files})
+    if len(kinds) != 1 or kinds[0] not in FILE_BUILDERS:
+        raise DataError(
+            f"data.source {source!r} matches files of types {kinds}: pass .parquet or "
+            f".arrow files (one kind), a directory, or a dataset name"
+        )
+    return _read(cfg, "", FILE_BUILDERS[kinds[0]], data_files={"train": files})
+
+
+_HUB_HINT = (
+    " Runs read the Hub offline: download it once with the same datasets.load_dataset call on a "
+    "machine with internet (same HF_HOME), or pass a local path as data.source."
+)
+
+
+def _load_layout(target: str, cfg: DataConfig, hint: str) -> Any:
+    """``datasets.load_dataset`` on a folder or Hub name: every split its layout names (or
+    ``data.data_files`` maps), config ``data.name``, revision ``data.revision``."""
+    options = {"name": cfg.name, "data_files": dict(cfg.data_files), "revision": cfg.revision}
+    return _read(cfg, hint, target, **{k: v or None for k, v in options.items()})
+
+
+def _read(cfg: DataConfig, hint: str, *args: Any, **kwargs: Any) -> Any:
+    """``datasets.load_dataset(*args, **kwargs)``, its failures as errors naming the call."""
     import datasets
 
     try:
-        return datasets.load_dataset(builder, **kwargs)
-    except ValueError as err:
-        if "corresponds to no data" in str(err):
-            raise DataError(
-                f"dataset {source!r} (split {wanted!r}) is empty: it has no samples"
-            ) from err
-        raise DataError(f"cannot read {source!r} as {builder} (split {wanted!r}): {err}") from err
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as err:  # offline cache miss, unknown config, unmatched files: user-fixable
+        if "corresponds to no data" in str(err):  # datasets' words for a split of no rows
+            raise DataError(f"dataset {cfg.source!r} is empty: it has no samples") from err
+        call = ", ".join([*map(repr, args), *(f"{k}={_short(v)}" for k, v in kwargs.items() if v)])
+        raise DataError(
+            f"cannot load dataset {cfg.source!r} with datasets.load_dataset({call}): "
+            f"{type(err).__name__}: {err}.{hint}"
+        ) from err
 
 
-def _pick_split(loaded: Any, split: str, source: str) -> Any:
+def _short(value: Any) -> str:
+    """``repr`` with at most 3 items per list: a glob may match thousands of files."""
+    shortened = reprlib.Repr()
+    shortened.maxlist, shortened.maxstring = 3, 300
+    return shortened.repr(value)
+
+
+def _pick_split(loaded: Any, split: str, cfg: DataConfig) -> Any:
+    """The split named ``split``; never another split's images in its place."""
     import datasets
 
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
+    option = "data.eval_split" if split == cfg.eval_split else "data.split"
+    if not isinstance(loaded, datasets.DatasetDict):  # a Dataset saved on its own: no splits
+        if cfg.eval_split:
             raise DataError(
-                f"split {split!r} not found in {source!r}; available splits: "
-                f"{', '.join(loaded.keys())}. Set data.split (or data.eval_split)."
+                f"data.eval_split={cfg.eval_split!r} asks for a held-out split, but "
+                f"data.source={cfg.source!r} is one saved Dataset without splits: evaluating on "
+                f"it would score the training images. Save a DatasetDict with that split, or set "
+                f"data.eval_split=''"
             )
+        return loaded
+    if split in loaded:
         return loaded[split]
-    return loaded
+    if _names_files(cfg.source) or Path(cfg.source).expanduser().is_file():
+        raise DataError(
+            f"{option}={split!r} asks for a split, but data.source={cfg.source!r} names files, "
+            f"which load as the one split 'train' (a held-out split would be the training images "
+            f"again). Map files to splits with data.data_files (e.g. data.source=. "
+            f"data.data_files.train='a/*.parquet' data.data_files.test='b/*.parquet'), or pass "
+            f"the dataset folder as data.source (file names such as data/test-*.parquet name "
+            f"their split)"
+        )
+    fix = "" if cfg.source in BUILTINS else ", or map files to splits with data.data_files"
+    raise DataError(
+        f"split {split!r} not found in {cfg.source!r}; available splits: "
+        f"{', '.join(loaded.keys())}. Set {option} to one of them{fix}."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
