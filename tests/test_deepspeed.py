@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pcl_scale.artifacts import STATE_FILE, load_exported_backbone
+from pcl_scale.artifacts import STATE_FILE, load_exported_backbone, read_initial_weights
 from pcl_scale.cli import main
 from pcl_scale.config import ConfigError, load_config
 from pcl_scale.engine.checkpoint import Layout, load_checkpoint
@@ -73,8 +73,13 @@ def test_zero3_export_is_the_consolidated_weights_and_loads_into_torchvision(fp3
     ddp_export = fp32_runs["cpu_2proc"][0] / "run" / "export" / "model.safetensors"
     ddp = load_file(str(ddp_export))
     assert ddp.keys() == weights.keys()  # same keys as the DDP export
+    initial = read_initial_weights(str(last))  # model.init_from=CHECKPOINT on any layout
+    assert initial.backbone.keys() == weights.keys()
+    for key, value in weights.items():
+        assert torch.equal(value, initial.backbone[key]), key
+    assert initial.head is not None
     model, config = load_exported_backbone(export)  # plain torchvision, strict keys
-    assert config["library"] == "torchvision"
+    assert config["loader"]["torchvision"]["small_stem"] is True
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 512)
 
 
@@ -205,8 +210,9 @@ def test_zero_checkpoint_on_another_layout_is_refused(tmp_path):
     ckpt.mkdir(parents=True)
     state = {"epoch": 1, "global_step": 3, "layout": {"kind": "zero3", "world_size": 2}}
     (ckpt / STATE_FILE).write_text(json.dumps({**state, "files": {}}))
-    with pytest.raises(UserError, match=r"zero3 run on 2 processes; this run is zero3 on 1"):
+    with pytest.raises(UserError, match=r"zero3 run on 2 processes; this run is zero3 on 1") as err:
         load_checkpoint(None, ckpt, Layout("zero3", 1))
+    assert f"model.init_from={ckpt}" in str(err.value)  # the way to continue it
     with pytest.raises(UserError, match=r"this run is ddp on 2"):
         load_checkpoint(None, ckpt, Layout("ddp", 2))
     assert Layout("ddp", 2).compatible(Layout("ddp", 1))  # DDP state is whole: any world size

@@ -6,7 +6,6 @@ import math
 import shutil
 
 import pytest
-import timm
 import torch
 import torchvision
 from safetensors.torch import load_file
@@ -16,8 +15,6 @@ from pcl_scale.artifacts import read_clusters
 from pcl_scale.cli import main
 from pcl_scale.config import load_config
 from pcl_scale.core.loss import PCLLoss
-from pcl_scale.core.model import BackboneSpec, PCLModel
-from pcl_scale.engine.export import export_backbone
 from pcl_scale.engine.loop import build_model, train
 
 from .conftest import ROOT, launch_and_dump, make_hf_dataset, tiny_overrides
@@ -147,8 +144,11 @@ def test_export_loads_into_plain_torchvision_with_same_embeddings(
     plain.eval()
     trained.eval()
     torch.testing.assert_close(plain(x), trained.encoder_q.backbone(x))
-    config = json.loads((out / "export" / "config.json").read_text())
-    assert config["library"] == "torchvision" and config["small_stem"] is True
+    own = json.loads((out / "export" / "pcl_config.json").read_text())
+    assert own["loader"] == {
+        "timm": False,
+        "torchvision": {"architecture": "resnet18", "small_stem": True, "fc": "Identity"},
+    }
 
     # eval/knn.py reads the export alone and reports learned and raw features
     spec = importlib.util.spec_from_file_location("eval_knn", ROOT / "eval" / "knn.py")
@@ -178,20 +178,7 @@ def test_vit_backbone_trains_through_the_e_step(tmp_path, tiny_dataset_dir):
     assert [r["epoch"] for r in result.history if r.get("event") == "estep"] == [1]
     assert all(math.isfinite(v) for v in losses(result.history))
     config = json.loads((tmp_path / "vit" / "export" / "config.json").read_text())
-    assert config["library"] == "timm" and config["create_model_kwargs"]["patch_size"] == 4
-
-
-def test_vit_export_loads_into_plain_timm(tmp_path):
-    cfg = load_config(None, ["model.backbone=vit_tiny", "model.patch_size=8", "data.image_size=16"])
-    model = PCLModel(BackboneSpec("vit_tiny", img_size=16, patch_size=8), queue_size=8)
-    export_backbone(model, cfg, tmp_path / "export")
-    config = json.loads((tmp_path / "export" / "config.json").read_text())
-    plain = timm.create_model(config["architecture"], **config["create_model_kwargs"])
-    plain.load_state_dict(load_file(str(tmp_path / "export" / "model.safetensors")), strict=True)
-    plain.eval()
-    model.eval()
-    x = torch.randn(2, 3, 16, 16)
-    torch.testing.assert_close(plain(x), model.encoder_q.backbone(x))
+    assert config["model_args"] == {"img_size": 8, "patch_size": 4}
 
 
 def run_cli(tmp_path, data_dir, capsys, **extra):

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-RESNETS = ("resnet18", "resnet34", "resnet50")
-VITS = {
+RESNETS = ("resnet18", "resnet34", "resnet50")  # built with torchvision
+VITS = {  # short names of timm ViTs whose patch size comes from model.patch_size
     "vit_tiny": "vit_tiny_patch16_224",
     "vit_small": "vit_small_patch16_224",
     "vit_base": "vit_base_patch16_224",
@@ -27,7 +27,9 @@ HeadKind = Literal["linear", "mlp"]
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What to build. ``small_stem`` applies to ResNets; ``img_size``/``patch_size`` to ViTs."""
+    """What to build: a torchvision ResNet (``RESNETS``), a short ViT name (``VITS``) or any timm
+    model name. ``small_stem`` applies to the torchvision ResNets; ``img_size`` to timm models
+    with a fixed input size (ViTs); ``patch_size`` to the short ViT names."""
 
     name: str = "resnet50"
     small_stem: bool = False
@@ -35,18 +37,59 @@ class BackboneSpec:
     patch_size: int = 16
 
 
+def backbone_library(name: str) -> Literal["torchvision", "timm"]:
+    """Which library builds ``name``: torchvision for ``RESNETS``, timm for everything else it
+    knows; a ValueError naming close matches otherwise."""
+    if name in RESNETS:
+        return "torchvision"
+    import timm
+
+    if name in VITS or timm.is_model(name):
+        return "timm"
+    raise ValueError(f"backbone {name!r} is unknown{unknown_backbone_hint(name)}")
+
+
+def unknown_backbone_hint(name: str) -> str:
+    """The closest known names and where the names come from, for an unknown backbone."""
+    import difflib
+
+    import timm
+
+    close = difflib.get_close_matches(name, [*RESNETS, *VITS, *timm.list_models()], n=3)
+    closest = f" (closest: {', '.join(close)})" if close else ""
+    return (
+        f"{closest}: use {', '.join((*RESNETS, *VITS))} or a timm model name (timm.list_models())"
+    )
+
+
+def timm_arguments(spec: BackboneSpec) -> tuple[str, dict[str, Any]]:
+    """The timm architecture and the ``create_model`` arguments of a timm backbone: pooled
+    features (``num_classes=0``), the run's image size where the input size is fixed (ViTs), and
+    the patch size of the short ViT names."""
+    import timm.models
+
+    architecture = VITS.get(spec.name, spec.name)
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    default = timm.models.get_pretrained_cfg(architecture)
+    if default is not None and default.fixed_input_size:
+        kwargs["img_size"] = spec.img_size
+    if spec.name in VITS:
+        kwargs["patch_size"] = spec.patch_size
+    return architecture, kwargs
+
+
 def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, int]:
     """A backbone that maps (B, 3, H, W) images to (B, F) pooled features.
 
-    ResNets are torchvision models with ``fc`` replaced by Identity (optionally with the
-    small-image stem: 3x3 stride-1 ``conv1`` and no max-pool); ViTs are timm models built with
-    ``num_classes=0``. Parameter names stay those of torchvision/timm, so an exported state dict
-    loads into the plain library model.
+    ResNets of ``RESNETS`` are torchvision models with ``fc`` replaced by Identity (optionally
+    with the small-image stem: 3x3 stride-1 ``conv1`` and no max-pool); every other name is a
+    timm model built with ``num_classes=0``. Parameter names stay the library's, so an exported
+    state dict loads into the plain library model.
 
     Returns:
         The module and its feature size F.
     """
-    if spec.name in RESNETS:
+    if backbone_library(spec.name) == "torchvision":
         import torchvision
 
         net = getattr(torchvision.models, spec.name)(weights=None)
@@ -56,21 +99,41 @@ def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, int]:
         num_features = int(net.fc.in_features)
         net.fc = nn.Identity()
         return net, num_features
-    if spec.name in VITS:
-        import timm
+    import timm
 
-        net = timm.create_model(
-            VITS[spec.name],
-            pretrained=False,
-            num_classes=0,
-            img_size=spec.img_size,
-            patch_size=spec.patch_size,
+    architecture, kwargs = timm_arguments(spec)
+    net = timm.create_model(architecture, pretrained=False, **kwargs)
+    timm_features = net.num_features
+    assert isinstance(timm_features, int)
+    return net, timm_features
+
+
+def load_matching(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load ``state`` into ``module`` with every key and shape matching; a ValueError naming the
+    first mismatches and ``source`` otherwise (weights of another architecture)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or reshaped:
+        problems = [
+            f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("other shapes", reshaped),
+            )
+            if items
+        ]
+        raise ValueError(
+            f"the weights of {source} do not fit this model ({'; '.join(problems)}): "
+            "start from weights of the same architecture (model.backbone, model.small_stem)"
         )
-        vit_features = net.num_features
-        assert isinstance(vit_features, int)
-        return net, vit_features
-    known = ", ".join((*RESNETS, *VITS))
-    raise ValueError(f"unknown backbone {spec.name!r}: choose one of {known}")
+    module.load_state_dict(state, strict=True)
 
 
 def build_head(
@@ -200,6 +263,17 @@ class PCLModel(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         """E-step features: normalised momentum-encoder embeddings (B, dim)."""
         return F.normalize(self.encoder_k(x), dim=1)
+
+    @torch.no_grad()
+    def start_from(
+        self, backbone: dict[str, Tensor], source: str, head: dict[str, Tensor] | None = None
+    ) -> None:
+        """Both encoders start from ``backbone`` weights (and ``head``'s, when given): the
+        momentum encoder is a copy of the online one, as at initialisation."""
+        load_matching(self.encoder_q.backbone, backbone, source)
+        if head is not None:
+            load_matching(self.encoder_q.head, head, source)
+        self.encoder_k.load_state_dict(self.encoder_q.state_dict())
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:

@@ -155,8 +155,8 @@ def load_checkpoint(
         raise UserError(
             f"checkpoint {path} was written by a {saved.kind} run on {saved.world_size} "
             f"processes; this run is {layout.kind} on {layout.world_size}. Resume it with the "
-            f"same launcher config and process count, or (DeepSpeed) convert it with DeepSpeed's "
-            f"ds_to_universal.py and start a new run from the converted weights"
+            f"same launcher config and process count, or start a new run from its weights: "
+            f"run.resume='' model.init_from={path} run.output_dir=NEW_DIR"
         )
     accelerator.load_state(str(path))
     return state, read_clusters(path)

@@ -9,17 +9,18 @@ evaluates, exports and returns what the run measured.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pcl_scale.artifacts import METRICS_FILE, TrainState
-from pcl_scale.config import Config, local_batch_size, save_config, steps_per_epoch
+from pcl_scale.artifacts import METRICS_FILE, InitialWeights, TrainState, read_initial_weights
+from pcl_scale.config import Config, ConfigError, local_batch_size, save_config, steps_per_epoch
 from pcl_scale.core.clusters import ClusterResult
 from pcl_scale.core.kmeans import KMeansOptions, resolve_backend
-from pcl_scale.core.model import BackboneSpec, PCLModel
+from pcl_scale.core.model import PCLModel
 from pcl_scale.data import (
     DeviceInput,
     IndexedImages,
@@ -33,7 +34,7 @@ from pcl_scale.distributed.estep import ClusteringPlan, choose_mode, estep
 from pcl_scale.distributed.extract import ExtractOptions, StopRequestedError
 from pcl_scale.engine.checkpoint import Layout, agreed_resume, load_checkpoint, save_checkpoint
 from pcl_scale.engine.evaluate import evaluate, monitor_knn
-from pcl_scale.engine.export import export_backbone, push_to_hub
+from pcl_scale.engine.export import backbone_spec, check_hub_access, export_backbone, push_export
 from pcl_scale.engine.keys import fill_queue
 from pcl_scale.engine.loaders import (
     EpochLoader,
@@ -162,16 +163,18 @@ def setup(cfg: Config, accelerator: Any, stop: StopRequest) -> Run:
     """Check inputs, then build data, model, optimizer and logger, resuming when asked."""
     comm = Comm()
     validate(cfg, comm.world_size)
+    if cfg.run.hub_repo_id:  # before training, not hours later
+        check_hub_access("or leave run.hub_repo_id='' and upload later with pcl-scale push")
     seed_everything(derive_seed(cfg.run.seed, SeedStream.SETUP, 0, 0, comm.rank))
     train_ds = load_training_set(cfg, accelerator, comm)
     validate_for_data(cfg, len(train_ds), comm.world_size)
-    run_dir = Path(cfg.run.output_dir)  # inputs are checked: only now is anything written
+    model, optimizer = prepare_model(cfg, accelerator, local_batch_size(cfg, comm.world_size))
+    run_dir = Path(cfg.run.output_dir)  # inputs and initial weights are checked: now write
     if comm.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     if cfg.run.trackers:
         accelerator.init_trackers(run_dir.name, config=flat_config(cfg))
-    model, optimizer = prepare_model(cfg, accelerator, local_batch_size(cfg, comm.world_size))
     layout = Layout(distributed_kind(accelerator), comm.world_size)
     state, clusters, resumed = resume(cfg, accelerator, layout, comm)
     to_input = device_input(cfg.data, accelerator.device, uses_channels_last(cfg, accelerator))
@@ -195,17 +198,41 @@ def load_training_set(cfg: Config, accelerator: Any, comm: Comm) -> Any:
     return train_ds
 
 
-def build_model(cfg: Config) -> PCLModel:
+def build_model(cfg: Config, log: Callable[[str], None] = print) -> PCLModel:
+    """The PCL model, started from ``model.init_from``'s weights when it names any."""
     m = cfg.model
-    spec = BackboneSpec(m.backbone, m.small_stem, cfg.data.image_size, m.patch_size)
-    return PCLModel(spec, m.dim, m.head, cfg.pcl.queue_length, m.mlp_hidden_dim or None)  # type: ignore[arg-type]
+    head: Any = m.head  # validated: 'linear' or 'mlp'
+    model = PCLModel(
+        backbone_spec(cfg), m.dim, head, cfg.pcl.queue_length, m.mlp_hidden_dim or None
+    )
+    if m.init_from:
+        start_from(model, read_initial_weights(m.init_from), log)
+    return model
+
+
+def start_from(model: PCLModel, weights: InitialWeights, log: Callable[[str], None]) -> None:
+    """Both encoders from ``weights``: the backbone always, the head when it has this model's
+    shapes (another head kind or size starts random, and the log says so)."""
+    head = weights.head
+    own_head = model.encoder_q.head.state_dict()
+    if head is not None and {k: v.shape for k, v in head.items()} != {
+        k: v.shape for k, v in own_head.items()
+    }:
+        log(f"model.init_from: the head of {weights.source} has other shapes; it starts random")
+        head = None
+    try:
+        model.start_from(weights.backbone, weights.source, head)
+    except ValueError as err:
+        raise ConfigError(f"model.init_from: {err}") from err
+    loaded = "backbone and head" if head is not None else "backbone"
+    log(f"model.init_from: {loaded} from {weights.source}")
 
 
 def prepare_model(cfg: Config, accelerator: Any, local_batch: int) -> tuple[Any, Any]:
     """The model (same initial weights and queue on every rank) and SGD, prepared."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.run.seed, SeedStream.SETUP, 0, 0, 0))
-        model = build_model(cfg)
+        model = build_model(cfg, accelerator.print)
     optimizer = torch.optim.SGD(
         [p for p in model.encoder_q.parameters()],
         lr=cfg.optim.lr,
@@ -405,7 +432,8 @@ def finish(run: Run, start_epoch: int) -> RunResult:
     with phase(run.logger, comm, "export", run.state.global_step):
         export_dir = publish(run, run.run_dir / "export", flatten_evaluation(evaluation))
     if export_dir is not None and cfg.run.hub_repo_id:
-        push_to_hub(export_dir, cfg.run.hub_repo_id)
+        url = push_export(export_dir, cfg.run.hub_repo_id, cfg.run.hub_private)
+        run.accelerator.print(f"pushed {export_dir} to {url}")
     if cfg.run.trackers:
         run.accelerator.end_training()
     return RunResult(

@@ -3,7 +3,11 @@
 * Without CUDA, ``Accelerator(cpu=True)`` is what turns ``accelerate launch --multi_gpu
   --num_processes N`` (or torchrun) into an N-process gloo group; without it every rank believes
   it is alone.
-* fp16 needs a GPU (loss scaling); bf16 autocast works on CPU and GPU.
+* Precision has one source of truth (:func:`resolve_precision`): ``run.mixed_precision='auto'``
+  (the default) takes the launcher's (``accelerate launch`` exports its config file's
+  ``mixed_precision`` as ``ACCELERATE_MIXED_PRECISION``); an explicit value that contradicts the
+  launcher's bf16/fp16 is an error naming both. fp16 needs a GPU (loss scaling); bf16 autocast
+  works on CPU and GPU.
 * DeepSpeed (``accelerate launch`` with a ``distributed_type: DEEPSPEED`` config) is configured
   here: the DeepSpeed JSON is checked against the run's options, precision is mapped onto it
   (bf16 = DeepSpeed's torch autocast with fp32 master weights, which BatchNorm backbones need;
@@ -24,6 +28,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -39,15 +44,75 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The run's precision and why it is that one (for the log and for errors)."""
+
+    value: str  # 'no' | 'bf16' | 'fp16'
+    reason: str
+
+
+def resolve_precision(cfg: Config) -> Precision:
+    """The one precision of the run, from ``run.mixed_precision`` and the launcher's.
+
+    ``accelerate launch`` exports ``--mixed_precision``, else its config file's
+    ``mixed_precision``, to every process as ``ACCELERATE_MIXED_PRECISION``; 'no' when neither
+    sets it (Accelerate itself refuses a config file's ``mixed_precision`` next to a DeepSpeed
+    JSON: there only the flag counts). 'auto' takes the launcher's value ('no' without a
+    launcher). An explicit value stands when the launcher says 'no' or nothing (Accelerate
+    exports 'no' also when its config is silent), and is an error naming both values when the
+    launcher says bf16 or fp16 and the run something else.
+    """
+    asked = cfg.run.mixed_precision
+    if asked not in ("auto", *PRECISIONS):
+        raise ConfigError(
+            f"run.mixed_precision={asked!r} is not one of auto, {', '.join(PRECISIONS)}"
+        )
+    env = os.environ.get(LAUNCHER_PRECISION, "").lower()
+    launcher = f"the launcher's {LAUNCHER_PRECISION}={env}"
+    if env and env not in PRECISIONS:
+        raise ConfigError(
+            f"the launcher asks for mixed precision {env!r} ({LAUNCHER_PRECISION}={env}, from "
+            "accelerate launch's --mixed_precision or its config file): pcl-scale runs no, bf16 or "
+            "fp16; set one of them in the accelerate config"
+        )
+    if asked == "auto":
+        if not env:
+            return Precision("no", "run.mixed_precision=auto and no launcher precision")
+        return Precision(env, f"run.mixed_precision=auto: {launcher}")
+    if env not in ("", "no", asked):
+        raise ConfigError(
+            f"run.mixed_precision={asked!r} contradicts the launcher's mixed precision {env!r} "
+            f"({LAUNCHER_PRECISION}={env}, from accelerate launch's --mixed_precision or its "
+            f"config file): set run.mixed_precision=auto (or {env}) to follow the launcher, or "
+            f"set mixed_precision: {asked!r} in the accelerate config"
+        )
+    agrees = f", as {launcher}" if env == asked else ""
+    return Precision(asked, f"run.mixed_precision={asked}{agrees}")
+
+
 def make_accelerator(cfg: Config) -> Any:
+    """The run's Accelerator (DDP, one process or DeepSpeed), its precision logged with why."""
+    on_gpu = torch.cuda.is_available()
+    precision = resolve_precision(cfg)
+    if precision.value == "fp16" and not on_gpu:
+        raise ConfigError(
+            f"fp16 needs a CUDA GPU (loss scaling) and none is visible ({precision.reason}): on "
+            "CPU use bf16 or no"
+        )
+    accelerator = _accelerator(cfg, precision.value, on_gpu)
+    accelerator.print(f"precision: {precision.value} ({precision.reason})")
+    return accelerator
+
+
+def _accelerator(cfg: Config, precision: str, on_gpu: bool) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    on_gpu = torch.cuda.is_available()
-    if cfg.run.mixed_precision == "fp16" and not on_gpu:
-        raise ConfigError(
-            "run.mixed_precision='fp16' needs a CUDA GPU (loss scaling); on CPU use 'bf16' or 'no'"
-        )
     common: dict[str, Any] = dict(
         gradient_accumulation_steps=cfg.optim.grad_accum,
         log_with=list(cfg.run.trackers) or None,
@@ -64,22 +129,22 @@ def make_accelerator(cfg: Config) -> Any:
         ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
         return Accelerator(
             cpu=not on_gpu,
-            mixed_precision=cfg.run.mixed_precision,
+            mixed_precision=precision,
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout), ddp],
             **common,
         )
-    plugin = _deepspeed_plugin(cfg, on_gpu)
+    plugin = _deepspeed_plugin(cfg, precision, on_gpu)
     group = InitProcessGroupKwargs(timeout=timeout, **({} if on_gpu else {"backend": "gloo"}))
     return Accelerator(
         deepspeed_plugin=plugin,
         # bf16 is DeepSpeed's torch autocast (set in the plugin), not Accelerate's bf16 mode
-        mixed_precision="fp16" if cfg.run.mixed_precision == "fp16" else "no",
+        mixed_precision="fp16" if precision == "fp16" else "no",
         kwargs_handlers=[group],
         **common,
     )
 
 
-def _deepspeed_plugin(cfg: Config, on_gpu: bool) -> Any:
+def _deepspeed_plugin(cfg: Config, precision: str, on_gpu: bool) -> Any:
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import accelerate.utils.dataclasses as acc_dataclasses
@@ -107,7 +172,7 @@ def _deepspeed_plugin(cfg: Config, on_gpu: bool) -> Any:
         )
     check_deepspeed_config(plugin.deepspeed_config, cfg, os.environ.get("WORLD_SIZE", "1"))
     ds = plugin.deepspeed_config
-    if cfg.run.mixed_precision == "bf16":
+    if precision == "bf16":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
         ds["bf16"] = {"enabled": False}
     if plugin.zero_stage == 3:  # the export consolidates the partitioned weights on rank 0
@@ -146,7 +211,7 @@ def check_deepspeed_config(ds: dict[str, Any], cfg: Config, world_size: str | in
                 f"optim.grad_accum={cfg.optim.grad_accum} on {world} processes need {want}: "
                 f'set it to "auto"'
             )
-    precision = cfg.run.mixed_precision
+    precision = resolve_precision(cfg).value
     if _enabled(ds.get("bf16")):
         raise ConfigError(
             f'{source} enables "bf16" (bf16 parameters), which breaks BatchNorm backbones and the '
@@ -221,7 +286,7 @@ def autocast_context(accelerator: Any, cfg: Config) -> Callable[[], Any]:
     """
     if not deepspeed_requested():
         return accelerator.autocast
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.mixed_precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg).value)
     if dtype is None:
         return contextlib.nullcontext
     device_type = accelerator.device.type

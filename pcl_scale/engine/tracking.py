@@ -72,7 +72,8 @@ class Meter:
             raise DivergedError(
                 f"the loss became NaN or Inf at step {min(steps)}: training stopped without "
                 f"saving. Last good checkpoint: {last or 'none'}. Resume from it "
-                f"(run.resume=auto) with a lower optim.lr, or with run.mixed_precision='no'."
+                f"(run.resume=auto) with a lower optim.lr, or in fp32 (run.mixed_precision='no', "
+                f"with no mixed_precision in the accelerate config)."
             )
 
     def summary(self, accelerator: Any, comm: Comm, run_dir: Path) -> dict[str, Any]:
