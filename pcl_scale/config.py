@@ -135,7 +135,10 @@ class ModelConfig:
     )
     small_stem: bool = field(
         default=False,
-        metadata=_help("ResNet: 3x3 stride-1 conv1 and no max-pool, for small images"),
+        metadata=_help(
+            "torchvision ResNets: 3x3 stride-1 conv1 and no max-pool, for small images (timm "
+            "backbones ignore it)"
+        ),
     )
     patch_size: int = field(
         default=16, metadata=_help("patch size of vit_tiny | vit_small | vit_base")

@@ -17,7 +17,7 @@ from pcl_scale.config import (
     steps_per_epoch,
 )
 from pcl_scale.core.kmeans import faiss_gpu_count
-from pcl_scale.core.model import RESNETS, VITS, backbone_library, unknown_backbone_hint
+from pcl_scale.core.model import VITS, backbone_library, unknown_backbone_hint
 from pcl_scale.data import BUILTINS
 
 _CHOICES = {
@@ -72,15 +72,10 @@ def _check_choices(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(choices)}")
     try:
-        library = backbone_library(cfg.model.backbone)
+        backbone_library(cfg.model.backbone)
     except ValueError as err:
         hint = unknown_backbone_hint(cfg.model.backbone)
         raise ConfigError(f"model.backbone={cfg.model.backbone!r} is unknown{hint}") from err
-    if cfg.model.small_stem and library != "torchvision":
-        raise ConfigError(
-            f"model.small_stem=true applies to the torchvision ResNets ({', '.join(RESNETS)}), "
-            f"not to {cfg.model.backbone!r}: set model.small_stem=false"
-        )
     if cfg.run.trackers and not set(cfg.run.trackers) <= {"tensorboard", "wandb"}:
         raise ConfigError(f"run.trackers={cfg.run.trackers}: supported are tensorboard, wandb")
 
