@@ -135,20 +135,23 @@ def check_eval_model(model: str) -> None:
 
 
 def run_eval(export_dir: Path, cfg: Any) -> int:
-    import json
-
     import torch
 
     from pcl_scale.distributed.comm import Comm, init_from_env
     from pcl_scale.evaluation.protocols import evaluate_export
-    from pcl_scale.evaluation.tables import format_evaluation
+    from pcl_scale.evaluation.tables import format_evaluation, write_json_atomic
 
     device = init_from_env(cfg.run.collective_timeout_min)
-    report = evaluate_export(export_dir, cfg.data, cfg.eval, Comm(), device)
+    json_path = Path(cfg.eval.json) if cfg.eval.json else None
+
+    def save(report: dict[str, dict[str, Any]]) -> None:  # after every protocol (rank 0)
+        if json_path is not None:
+            write_json_atomic(json_path, report)
+
+    report = evaluate_export(export_dir, cfg.data, cfg.eval, Comm(), device, on_result=save)
     if report is not None:
+        save(report)
         print(format_evaluation(report))
-        if cfg.eval.json:
-            Path(cfg.eval.json).write_text(json.dumps(report, indent=2))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

@@ -1,5 +1,6 @@
 """`pcl-scale eval`: every protocol on a tiny run's export, raw pixels beside, 1 vs 2 processes."""
 
+import io
 import json
 import subprocess
 import sys
@@ -215,3 +216,52 @@ def test_probes_fit_on_a_bounded_sample_and_say_so(tiny_run, module_tiny_dataset
         sizes[limit] = {name: row["probe_train_samples"] for name, row in report.items()}
     assert sizes == {0: {"raw pixels": 48, "pcl backbone": 48},
                      24: {"raw pixels": 24, "pcl backbone": 24}}  # fmt: skip
+
+
+def test_eval_names_what_it_extracts_and_each_protocol_as_it_starts(
+    tiny_run, module_tiny_dataset_dir, capsys
+):
+    args = eval_args(tiny_run, module_tiny_dataset_dir, "eval.protocols=[knn,cluster,linear]")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    for encoder in ("raw pixels", "pcl backbone"):
+        assert f"[eval] extract train (48 images) through {encoder} ..." in err
+        assert f"[eval] extract test (16 images) through {encoder}: done in" in err
+        for protocol in ("knn", "cluster", "linear"):
+            assert f"[eval] {protocol} on {encoder} ..." in err
+            assert f"[eval] {protocol} on {encoder}: done in" in err
+    # each protocol in the requested order, after its encoder's extraction
+    starts = [err.index(f"[eval] {p} on pcl backbone ...") for p in ("knn", "cluster", "linear")]
+    assert err.index("through pcl backbone ...") < starts[0] < starts[1] < starts[2]
+
+
+def test_eval_on_a_terminal_draws_an_extraction_bar(tiny_run, module_tiny_dataset_dir, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(eval_args(tiny_run, module_tiny_dataset_dir, "eval.protocols=[knn]")) == 0
+    text = terminal.getvalue()
+    assert "\rextract train (48 images) through pcl backbone: " in text  # tqdm's redrawn line
+    assert "[eval] knn on pcl backbone ..." in text
+
+
+def test_an_interrupted_eval_keeps_the_protocols_it_finished(
+    tiny_run, module_tiny_dataset_dir, tmp_path, monkeypatch
+):
+    import pcl_scale.evaluation.protocols as protocols
+
+    def broken_probe(*args, **kwargs):
+        raise RuntimeError("stopped in the linear probe")
+
+    monkeypatch.setattr(protocols, "linear_probe", broken_probe)
+    out = tmp_path / "eval.json"
+    args = eval_args(tiny_run, module_tiny_dataset_dir, "eval.protocols=[knn,linear]")
+    with pytest.raises(RuntimeError, match="stopped in the linear probe"):
+        main([*args, f"eval.json={out}"])
+    report = json.loads(out.read_text())  # the first protocol's results survived
+    assert list(report) == ["raw pixels"]
+    assert set(report["raw pixels"]) == {"knn200_top1", "knn200_top5", "knn5_top1", "knn5_top5"}
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # no temporary file left

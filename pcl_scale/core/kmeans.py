@@ -9,7 +9,11 @@ Both backends run Lloyd's algorithm and return a :class:`KMeansResult` of the sa
 * ``distances`` (N,) float32: **squared** L2 distance of each point to its assigned centroid.
 
 The torch backend never holds more than ``chunk_bytes`` of the N x K distance matrix: assignment
-runs over row chunks of ``x``. Empty clusters are handled in one of two documented ways:
+runs over row chunks of ``x``. ``niter`` is an upper bound: Lloyd's iterations stop at a fixed
+point, an iteration in which no point changes cluster (and none is empty under ``"reseed"``),
+since every later iteration would repeat it (bit for bit on a CPU): the result is the one all
+``niter`` iterations give, only sooner (scikit-learn's "strict convergence"; no tolerance).
+Empty clusters are handled in one of two documented ways:
 
 * ``"reseed"`` (default, as faiss does): an empty cluster takes a slightly perturbed copy of a
   centroid of a large cluster (chosen with probability proportional to its size minus one), and the
@@ -49,6 +53,8 @@ Reduce = Callable[[Tensor], Tensor]
 # busy (docs/benchmarks.md); a GPU wants larger ones, for fewer launches.
 CPU_CHUNK_BYTES = 64 * 2**20
 GPU_CHUNK_BYTES = 1024 * 2**20
+# Scratch for row-chunked passes over the (N, D) points (norms, k-means++ distances).
+PASS_CHUNK_BYTES = 2**20
 _SPLIT_EPS = 1.0 / 1024.0
 
 
@@ -61,12 +67,15 @@ class KMeansResult:
         assignments: (N,) int64 index of the nearest centroid of each point.
         distances: (N,) float32 squared L2 distance of each point to its centroid.
         objective: sum of ``distances`` (the k-means inertia of the kept restart).
+        iterations: Lloyd iterations the kept restart ran: ``niter``, or fewer when it reached
+            a fixed point (torch backend; faiss always runs ``niter``).
     """
 
     centroids: Tensor
     assignments: Tensor
     distances: Tensor
     objective: float
+    iterations: int = 0
 
     @property
     def num_clusters(self) -> int:
@@ -148,7 +157,8 @@ def kmeans(
     Args:
         x: (N, D) points; any float dtype, computed in float32 on ``x.device``.
         k: number of clusters, 1 <= k <= N.
-        niter: Lloyd iterations (assignment + update) per restart.
+        niter: Lloyd iterations (assignment + update) per restart, at most: the torch backend
+            stops at a fixed point (no assignment changed), which changes nothing in the result.
         nredo: restarts, seeded by :func:`restart_seed`; the lowest objective is kept.
         spherical: unit-normalise centroids after each update.
         seed: seed of the initialisation (and of the empty-cluster reseeding).
@@ -184,6 +194,8 @@ def kmeans(
     x = x.detach().float()
     if backend == "faiss" and gpu_resources is None:
         gpu_resources = faiss_gpus_for(faiss_gpus, x.device)
+    # (N,) ||x||^2 for the final assignment of every restart (the fused CUDA kernel needs none)
+    sq_norms = row_sq_norms(x) if backend == "torch" and not _use_fused(x) else None
     best: KMeansResult | None = None
     for redo in range(nredo):
         # Both backends start from the same seeded initialisation, computed here.
@@ -194,10 +206,13 @@ def kmeans(
             centroids, assignments, distances = faiss_lloyd_and_assign(
                 x, train, centroids, niter, spherical, gpu_resources
             )
+            iterations = niter
         else:
-            centroids = lloyd(train, centroids, niter, spherical, empty, gen, chunk_bytes)
-            assignments, distances = assign(x, centroids, chunk_bytes)
-        result = KMeansResult(centroids, assignments, distances, float(distances.double().sum()))
+            centroids, iterations = lloyd(train, centroids, niter, spherical, empty, gen,
+                                          chunk_bytes)  # fmt: skip
+            assignments, distances = assign(x, centroids, chunk_bytes, sq_norms)
+        objective = float(distances.double().sum())
+        result = KMeansResult(centroids, assignments, distances, objective, iterations)
         if best is None or result.objective < best.objective:
             best = result
     assert best is not None
@@ -245,6 +260,7 @@ def kmeans_sharded(
         chunk_bytes = default_chunk_bytes(x_local.device)
     _check_args(x_local, n_total, k, options.niter, options.nredo, chunk_bytes)
     x_local = x_local.detach().float()
+    sq_norms = None if _use_fused(x_local) else row_sq_norms(x_local)  # (n_local,) every restart
     best: KMeansResult | None = None
     for redo in range(options.nredo):
         gen = torch.Generator(device="cpu").manual_seed(restart_seed(options.seed, redo))
@@ -261,7 +277,7 @@ def kmeans_sharded(
             raise ValueError(f"unknown k-means init {options.init!r}: use 'random' or 'kmeans++'")
         if options.spherical:
             centroids = F.normalize(centroids, dim=1)
-        centroids = lloyd(
+        centroids, iterations = lloyd(
             x_local,
             centroids,
             options.niter,
@@ -271,9 +287,9 @@ def kmeans_sharded(
             chunk_bytes,
             reduce=all_reduce_sum,
         )
-        assignments, distances = assign(x_local, centroids, chunk_bytes)
+        assignments, distances = assign(x_local, centroids, chunk_bytes, sq_norms)
         total = all_reduce_sum(distances.double().sum().reshape(1))
-        result = KMeansResult(centroids, assignments, distances, float(total[0]))
+        result = KMeansResult(centroids, assignments, distances, float(total[0]), iterations)
         if best is None or result.objective < best.objective:
             best = result
     assert best is not None
@@ -337,13 +353,16 @@ def _initial_centroids(
     return F.normalize(centroids, dim=1) if spherical else centroids
 
 
-def kmeans_plusplus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
+def kmeans_plusplus(
+    x: Tensor, k: int, gen: torch.Generator, chunk_bytes: int = PASS_CHUNK_BYTES
+) -> Tensor:
     """k-means++ seeding (D^2 sampling): k sequential draws, O(N * K * D) in total.
 
     Args:
         x: (N, D) float32 points.
         k: number of centroids to draw.
         gen: CPU generator that makes the draws reproducible.
+        chunk_bytes: budget of the one (rows, D) buffer each pass over ``x`` reuses.
 
     Returns:
         (K, D) centroids, rows of ``x``.
@@ -352,7 +371,10 @@ def kmeans_plusplus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
     first = int(torch.randint(n, (1,), generator=gen))
     chosen = torch.empty(k, dtype=torch.long)
     chosen[0] = first
-    closest = (x - x[first]).pow(2).sum(1)  # (N,) squared distance to the nearest chosen point
+    closest = torch.empty(n, dtype=x.dtype, device=x.device)  # (N,) to the nearest chosen point
+    distance = torch.empty_like(closest)
+    buffer = _row_buffer(x, chunk_bytes)
+    _sq_distances_to(x, x[first], buffer, closest)
     for i in range(1, k):
         weights = closest.clamp_min(0).double().cpu()
         total = float(weights.sum())
@@ -360,8 +382,45 @@ def kmeans_plusplus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
             weights = torch.ones(n, dtype=torch.float64)
         idx = int(torch.multinomial(weights, 1, generator=gen))
         chosen[i] = idx
-        closest = torch.minimum(closest, (x - x[idx]).pow(2).sum(1))
+        torch.minimum(closest, _sq_distances_to(x, x[idx], buffer, distance), out=closest)
     return x[chosen.to(x.device)].clone()
+
+
+def _row_buffer(x: Tensor, chunk_bytes: int) -> Tensor:
+    """A (rows, D) scratch block of at most ``chunk_bytes`` for row-chunked passes over ``x``."""
+    rows = max(1, min(x.shape[0], chunk_bytes // (x.element_size() * max(x.shape[1], 1))))
+    return torch.empty(rows, x.shape[1], dtype=x.dtype, device=x.device)
+
+
+def _sq_distances_to(x: Tensor, point: Tensor, buffer: Tensor, out: Tensor) -> Tensor:
+    """``out`` (N,) = ||x_i - point||^2, row chunk by row chunk through ``buffer``.
+
+    Per row the same operations as ``(x - point).pow(2).sum(1)`` (so the same bits), without
+    allocating two (N, D) temporaries per call.
+    """
+    rows = buffer.shape[0]
+    for start in range(0, x.shape[0], rows):
+        xc = x[start : start + rows]  # (n_c, D)
+        part = buffer[: xc.shape[0]]
+        torch.sub(xc, point, out=part).pow_(2)
+        torch.sum(part, 1, out=out[start : start + rows])
+    return out
+
+
+def row_sq_norms(x: Tensor, chunk_bytes: int = PASS_CHUNK_BYTES) -> Tensor:
+    """(N,) squared L2 norm of each row of ``x`` (N, D), in row chunks (no (N, D) temporary).
+
+    Per row the same operations as ``x.pow(2).sum(1)``, so the same bits.
+    """
+    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    buffer = _row_buffer(x, chunk_bytes)
+    rows = buffer.shape[0]
+    for start in range(0, x.shape[0], rows):
+        xc = x[start : start + rows]  # (n_c, D)
+        part = buffer[: xc.shape[0]]
+        torch.pow(xc, 2, out=part)
+        torch.sum(part, 1, out=out[start : start + rows])
+    return out
 
 
 # The fused Triton kernel replaces the chunked product + minimum on CUDA (set False to compare).
@@ -372,8 +431,15 @@ def fused_assign_available() -> bool:
     return USE_FUSED_ASSIGN and importlib.util.find_spec("triton") is not None
 
 
+def _use_fused(x: Tensor) -> bool:
+    return x.is_cuda and x.dtype == torch.float32 and fused_assign_available()
+
+
 def assign(
-    x: Tensor, centroids: Tensor, chunk_bytes: int = CPU_CHUNK_BYTES
+    x: Tensor,
+    centroids: Tensor,
+    chunk_bytes: int = CPU_CHUNK_BYTES,
+    sq_norms: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Nearest centroid of every row of ``x``, in row chunks of at most ``chunk_bytes``.
 
@@ -385,29 +451,46 @@ def assign(
         x: (N, D) float32 points.
         centroids: (K, D) float32 centroids.
         chunk_bytes: budget for one (rows, K) float32 block of the distance matrix.
+        sq_norms: (N,) ``row_sq_norms(x)`` when the caller has it (computed here otherwise).
 
     Returns:
         assignments (N,) int64 and squared distances (N,) float32.
     """
-    if x.is_cuda and x.dtype == torch.float32 and fused_assign_available():
+    if _use_fused(x):
         from pcl_scale.core.kmeans_triton import nearest_centroid
 
         return nearest_centroid(x, centroids)
+    assignments, best = _nearest(x, centroids, chunk_bytes)
+    if sq_norms is None:
+        sq_norms = row_sq_norms(x)
+    return assignments, (sq_norms + 2.0 * best).clamp_min_(0.0)
+
+
+def _nearest(x: Tensor, centroids: Tensor, chunk_bytes: int) -> tuple[Tensor, Tensor]:
+    """(N,) nearest centroid and (N,) min_c (||c||^2 / 2 - x . c), in row chunks of ``x``.
+
+    The argmin needs no ||x||^2: Lloyd's iterations call this, only the final assignment adds it.
+    """
     n, k = x.shape[0], centroids.shape[0]
     rows = max(1, min(n, chunk_bytes // (4 * k)))
     half_sq_norms = 0.5 * centroids.pow(2).sum(1)  # (K,)
     centroids_t = centroids.t()  # (D, K)
     assignments = torch.empty(n, dtype=torch.long, device=x.device)
-    distances = torch.empty(n, dtype=torch.float32, device=x.device)
+    best = torch.empty(n, dtype=torch.float32, device=x.device)
     block = torch.empty(rows, k, dtype=torch.float32, device=x.device)
     for start in range(0, n, rows):
         xc = x[start : start + rows]  # (n_c, D)
         out = block[: xc.shape[0]]
         torch.addmm(half_sq_norms, xc, centroids_t, beta=1.0, alpha=-1.0, out=out)  # (n_c, K)
-        best, idx = out.min(dim=1)
-        assignments[start : start + rows] = idx
-        distances[start : start + rows] = (xc.pow(2).sum(1) + 2.0 * best).clamp_min_(0.0)
-    return assignments, distances
+        torch.min(out, dim=1, out=(best[start : start + rows], assignments[start : start + rows]))
+    return assignments, best
+
+
+def _nearest_ids(x: Tensor, centroids: Tensor, chunk_bytes: int) -> Tensor:
+    """(N,) nearest centroid of every row of ``x`` (the fused kernel on CUDA, as :func:`assign`)."""
+    if _use_fused(x):
+        return assign(x, centroids, chunk_bytes)[0]
+    return _nearest(x, centroids, chunk_bytes)[0]
 
 
 def cluster_sums(x: Tensor, assignments: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -427,21 +510,42 @@ def lloyd(
     gen: torch.Generator,
     chunk_bytes: int = CPU_CHUNK_BYTES,
     reduce: Reduce | None = None,
-) -> Tensor:
-    """Run ``niter`` Lloyd iterations from ``centroids`` and return the final (K, D) centroids.
+) -> tuple[Tensor, int]:
+    """Up to ``niter`` Lloyd iterations from ``centroids``: the final (K, D) centroids and the
+    number of iterations run.
+
+    Stops early at a fixed point: an iteration that moves no point (over all shards) and leaves
+    no cluster empty under ``"reseed"`` updates the centroids from the same sums and counts as
+    the iteration before, so it reproduces them exactly, and so would every later iteration
+    (without drawing from ``gen``): the result is that of all ``niter`` iterations.
 
     ``reduce`` sums a tensor over all shards of ``x`` (an all-reduce in a sharded run; identity
     here). Everything after the reduction reads only K-sized statistics and ``gen``, so every
-    shard computes the same centroids.
+    shard computes the same centroids and stops at the same iteration.
     """
     k = centroids.shape[0]
-    for _ in range(niter):
-        assignments, _ = assign(x, centroids, chunk_bytes)
+    previous: Tensor | None = None
+    for iteration in range(niter):
+        assignments = _nearest_ids(x, centroids, chunk_bytes)  # (N,)
         sums, counts = cluster_sums(x, assignments, k)
+        moved = (assignments != previous).sum() if previous is not None else counts.sum()
+        stats = torch.cat([counts, moved.double().reshape(1)])  # (K + 1,): one reduction
         if reduce is not None:
-            sums, counts = reduce(sums), reduce(counts)
+            sums, stats = reduce(sums), reduce(stats)
+        counts = stats[:k]
         centroids = _update_centroids(centroids, sums, counts, spherical, empty, gen)
-    return centroids
+        if previous is not None and _fixed_point(stats, empty):
+            return centroids, iteration + 1
+        previous = assignments
+    return centroids, niter
+
+
+def _fixed_point(stats: Tensor, empty: EmptyPolicy) -> bool:
+    """No point moved (``stats[-1]``) and no cluster is empty (``stats[:-1]``) or empty ones keep
+    their centroid: the next iteration would repeat this one."""
+    if bool(stats[-1] != 0):
+        return False
+    return empty == "keep" or bool((stats[:-1] > 0).all())
 
 
 def _update_centroids(

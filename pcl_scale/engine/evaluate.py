@@ -2,7 +2,8 @@
 
 Features are extracted sharded like the E-step and stay on their ranks: kNN and k-means scores
 run sharded (:mod:`pcl_scale.evaluation.sharded`), so no rank works alone on N rows while the
-others wait, and every rank ends with the same scores.
+others wait, and every rank ends with the same scores. The final evaluation says on rank 0's
+stderr what it extracts (a tqdm bar on a terminal) and names each score as it starts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
 from pcl_scale.distributed.comm import Comm
 from pcl_scale.distributed.extract import ExtractOptions, extract_shard, gather_rows
 from pcl_scale.engine.runtime import sync_buffers, unwrap
+from pcl_scale.evaluation.progress import Progress
 from pcl_scale.evaluation.sharded import (
     Shard,
     concat_splits,
@@ -58,9 +60,10 @@ def evaluate(
     )
     pixels = 3 * cfg.data.image_size**2
     with_raw = pixels * sum(len(ds) for ds in splits) <= RAW_BASELINE_MAX_VALUES
-    shards = labelled_shards(cfg, accelerator, model, comm, extract, splits, with_raw)
+    progress = Progress(comm.is_main, "final eval")
+    shards = labelled_shards(cfg, accelerator, model, comm, extract, splits, with_raw, progress)
     report = {
-        name: representation_scores(feats, shards, comm, cfg.run.seed)
+        name: representation_scores(feats, shards, comm, cfg.run.seed, progress, name)
         for name, feats in (("raw pixels", shards.raw), ("pcl backbone", shards.learned))
         if feats
     }
@@ -71,13 +74,21 @@ def evaluate(
 
 
 def representation_scores(
-    feats: list[Shard], splits: Splits, comm: Comm, seed: int
+    feats: list[Shard],
+    splits: Splits,
+    comm: Comm,
+    seed: int,
+    progress: Progress | None = None,
+    name: str = "features",
 ) -> dict[str, float]:
     """k-means NMI/AMI/ARI/ACC on all splits together; kNN (k = 5) top-1 with two splits."""
-    row = sharded_kmeans_scores(feats, splits.sizes, splits.num_clusters, comm, seed)
+    progress = progress or Progress(False)
+    with progress.stage(f"cluster (k-means, K = {splits.num_clusters}) on {name}"):
+        row = sharded_kmeans_scores(feats, splits.sizes, splits.num_clusters, comm, seed)
     if len(feats) > 1:
-        knn = sharded_knn_scores(feats[0], feats[1], splits.num_classes, comm,
-                                 votes=(("knn5", 5, None),))  # fmt: skip
+        with progress.stage(f"knn (k = 5) on {name}"):
+            knn = sharded_knn_scores(feats[0], feats[1], splits.num_classes, comm,
+                                     votes=(("knn5", 5, None),))  # fmt: skip
         row["knn_top1"] = knn["knn5_top1"]
     return row
 
@@ -126,18 +137,19 @@ def labelled_shards(
     extract: ExtractOptions,
     splits: list[Any],
     with_raw: bool,
+    progress: Progress | None = None,
 ) -> Splits:
     """This rank's online-backbone features (and raw pixels) of each split, with labels.
 
     Rank 0's BatchNorm statistics are made everyone's first, so every shard comes from the same
-    encoder.
+    encoder. ``progress``: what to say while extracting (nothing by default).
     """
     inner = unwrap(accelerator, model)
     sync_buffers(inner, comm)
     inner.eval()
     try:
         learned, raw, labels = extract_labelled(cfg, inner.encoder_q.backbone, comm, extract,
-                                                splits, with_raw)  # fmt: skip
+                                                splits, with_raw, progress)  # fmt: skip
     finally:  # also when a stop ends the extraction
         inner.train()
     every = torch.cat(labels)
@@ -152,21 +164,29 @@ def extract_labelled(
     extract: ExtractOptions,
     splits: list[Any],
     with_raw: bool,
+    progress: Progress | None = None,
 ) -> tuple[list[Shard], list[Shard], list[torch.Tensor]]:
     """Per split: this rank's backbone features (and raw pixels) as shards on the device (the
     scores run there), and all labels (host)."""
-    opts = dataclasses.replace(extract, progress=False)
+    progress = progress or Progress(False)
+    names = [cfg.data.split, cfg.data.eval_split][: len(splits)]
     learned: list[Shard] = []
     raw: list[Shard] = []
     all_labels = []
-    for ds in splits:
+    for split, ds in zip(names, splits, strict=True):
         view = IndexedImages(ds, cfg.data.image_column, eval_transform(cfg.data))
         labels = labels_of(ds, cfg.data)
         assert labels is not None
-        index, feats = extract_shard(backbone, view, comm, opts)
+        what = f"extract {split} ({len(ds)} images) through the backbone"
+        opts = dataclasses.replace(extract, progress=progress.bars, desc=what)
+        with progress.stage(what):
+            index, feats = extract_shard(backbone, view, comm, opts)
         learned.append(Shard(feats, index, labels[index].long()).to(extract.device))
         if with_raw:
-            _, pixels = extract_shard(torch.nn.Flatten(), view, comm, opts)
+            what = f"extract {split} ({len(ds)} images) as raw pixels"
+            opts = dataclasses.replace(extract, progress=progress.bars, desc=what)
+            with progress.stage(what):
+                _, pixels = extract_shard(torch.nn.Flatten(), view, comm, opts)
             raw.append(Shard(pixels, index, labels[index].long()).to(extract.device))
         all_labels.append(labels)
     return learned, raw, all_labels

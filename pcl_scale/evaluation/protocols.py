@@ -6,11 +6,17 @@ process group is initialised (``torchrun`` / ``accelerate launch``) and assemble
 dataset index. Every protocol runs on the learned features and on raw pixels of the same eval view
 ("raw pixels": the identity encoder), by the same code on the same split. With ``run_dir`` the
 PCL prototypes' own assignments of the training split (from the newest checkpoint) are scored too.
+
+Rank 0 says on stderr what it extracts (a tqdm bar on a terminal) and names each protocol as it
+starts; after each protocol of each encoder, ``on_result`` gets the report so far (``pcl-scale
+eval`` rewrites its JSON then, so an interrupted evaluation keeps what it finished).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +37,11 @@ from pcl_scale.errors import UserError
 from pcl_scale.evaluation.linear_probe import ReferenceSchedule, linear_probe, linear_reference
 from pcl_scale.evaluation.lowshot import lowshot_svm
 from pcl_scale.evaluation.metrics import prototype_scores_of
+from pcl_scale.evaluation.progress import Progress
 from pcl_scale.evaluation.sharded import Shard, sharded_kmeans_scores, sharded_knn_scores
 
 RAW, LEARNED = "raw pixels", "pcl backbone"
+Report = dict[str, dict[str, Any]]
 
 
 def data_for_export(config: dict[str, Any], data: DataConfig) -> DataConfig:
@@ -60,23 +68,55 @@ def prototype_assignments(run_dir: Path) -> list[np.ndarray]:
     return [c.assignments.long().numpy() for c in clusters.clusterings]
 
 
+@dataclass(frozen=True)
+class EvalInputs:
+    """What every encoder's protocols share: the splits (gallery first), their eval views and
+    labels, the settings, and where the scores run."""
+
+    data: DataConfig
+    options: EvalConfig
+    splits: list[Any]
+    views: list[IndexedImages]
+    labels: list[torch.Tensor]
+    comm: Comm
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class EncoderFeatures:
+    """One encoder's features as the protocols read them.
+
+    ``parts``: this rank's rows of each split as labelled :class:`Shard` s on the device (kNN,
+    k-means; empty when neither runs); ``probe``: the probes' training sample and the queries,
+    with labels, on rank 0 (None elsewhere or when no probe runs).
+    """
+
+    encoder: torch.nn.Module
+    parts: list[Shard]
+    probe: tuple[list[torch.Tensor], list[torch.Tensor]] | None
+    probe_samples: int
+
+
 def evaluate_export(
     export_dir: Path,
     data: DataConfig,
     options: EvalConfig,
     comm: Comm | None = None,
     device: torch.device | None = None,
-) -> dict[str, dict[str, Any]] | None:
+    on_result: Callable[[Report], None] | None = None,
+) -> Report | None:
     """Every requested protocol for the learned features and raw pixels (rank 0; None elsewhere).
 
     The gallery/training split is ``data.split``, the queries ``data.eval_split``. Returns
     ``{encoder: {metric: value}}`` with flat metric names (``knn200_top1``, ``linear_top1``,
     ``lowshot_k4_mean``, ``kmeans_nmi``, ...), plus a ``prototypes`` entry with the prototypes'
     own scores when ``options.run_dir`` is set. A label column of equal-length lists is read as
-    multi-label (VOC) targets: low-shot mAP only.
+    multi-label (VOC) targets: low-shot mAP only. Protocols run in the requested order; after
+    each one (per encoder) rank 0 calls ``on_result`` with the report so far.
     """
     comm = comm or Comm()
     device = device or torch.device("cpu")
+    progress = Progress(comm.is_main)
     model, config = load_exported_backbone(export_dir)
     model.to(device)
     data = data_for_export(config, data)
@@ -85,49 +125,105 @@ def evaluate_export(
     views = [
         IndexedImages(ds, data.image_column, eval_transform(data, as_uint8=False)) for ds in splits
     ]
-    opts = ExtractOptions(options.batch_size, data.num_workers, device)
+    inputs = EvalInputs(data, options, splits, views, labels, comm, device)
     protocols = applicable(options.protocols, labels[0])
-    report: dict[str, dict[str, Any]] = {}
+    report: Report = {}
     for name, encoder in ((RAW, torch.nn.Flatten()), (LEARNED, model)):
-        shards = [extract_shard(encoder, v, comm, opts) for v in views]
-        sharded = sharded_protocols(shards, labels, protocols, options.seed, comm, device)
-        gathered: dict[str, Any] = {}
-        if {"linear", "lowshot"} & set(protocols):
-            gathered = sampled_protocols(shards, labels, len(views[1]), protocols, options, comm)
-        if "linear_reference" in protocols:  # data-parallel over the ranks
-            gathered.update(
-                reference_linear(encoder, splits[0], views[1], labels, data, options, device, comm)
-            )
-        report[name] = ordered_row(options.protocols, protocols, sharded, gathered)
+        features = encoder_features(encoder, name, inputs, protocols, progress)
+        done: dict[str, Any] = {}
+        for protocol in protocols:
+            with progress.stage(f"{protocol} on {name}"):
+                done.update(run_protocol(protocol, features, inputs))
+            report[name] = ordered_row(options.protocols, protocols, done, {})
+            if on_result is not None and comm.is_main:
+                on_result(report)
     if not comm.is_main:
         return None
     if options.run_dir and labels[0].ndim == 1:
-        report["prototypes"] = prototype_scores(Path(options.run_dir), labels[0], data.split)
+        with progress.stage("prototypes of the run"):
+            report["prototypes"] = prototype_scores(Path(options.run_dir), labels[0], data.split)
+        if on_result is not None:
+            on_result(report)
     return report
 
 
-def sampled_protocols(
+def encoder_features(
+    encoder: torch.nn.Module,
+    name: str,
+    inputs: EvalInputs,
+    protocols: list[str],
+    progress: Progress,
+) -> EncoderFeatures:
+    """Extract both splits through ``encoder`` (sharded; rank 0 says which), then what the
+    requested protocols read: the labelled shards on the device, the probes' sample on rank 0."""
+    data, comm = inputs.data, inputs.comm
+    shards = []
+    for split, view in zip((data.split, data.eval_split), inputs.views, strict=True):
+        what = f"extract {split} ({len(view)} images) through {name}"
+        opts = ExtractOptions(inputs.options.batch_size, data.num_workers, inputs.device,
+                              progress=progress.bars, desc=what)  # fmt: skip
+        with progress.stage(what):
+            shards.append(extract_shard(encoder, view, comm, opts))
+    parts: list[Shard] = []
+    if {"knn", "cluster"} & set(protocols):
+        parts = [Shard(f, i, lab[i].long()).to(inputs.device)
+                 for (i, f), lab in zip(shards, inputs.labels, strict=True)]  # fmt: skip
+    probe, samples = None, 0
+    if {"linear", "lowshot"} & set(protocols):
+        probe, samples = probe_sets(shards, inputs.labels, inputs.options, comm)
+    return EncoderFeatures(encoder, parts, probe, samples)
+
+
+def run_protocol(protocol: str, features: EncoderFeatures, inputs: EvalInputs) -> dict[str, Any]:
+    """One protocol's flat metrics on one encoder's features (every rank calls it in step)."""
+    comm, labels = inputs.comm, inputs.labels
+    if protocol == "knn":
+        num_classes = int(torch.cat(labels).max()) + 1
+        return sharded_knn_scores(features.parts[0], features.parts[1], num_classes, comm)
+    if protocol == "cluster":
+        sizes = [len(lab) for lab in labels]
+        num_clusters = int(torch.cat(labels).unique().numel())
+        scores = sharded_kmeans_scores(features.parts, sizes, num_clusters, comm,
+                                       inputs.options.seed)  # fmt: skip
+        return {f"kmeans_{k}": v for k, v in scores.items()}
+    if protocol in ("linear", "lowshot"):
+        return probe_protocol(protocol, features, inputs.options, comm)
+    if protocol == "linear_reference":  # data-parallel over the ranks
+        return reference_linear(features.encoder, inputs.splits[0], inputs.views[1], labels,
+                                inputs.data, inputs.options, inputs.device, comm)  # fmt: skip
+    raise ValueError(f"unknown protocol {protocol!r}")
+
+
+def probe_sets(
     shards: list[tuple[torch.Tensor, torch.Tensor]],
     labels: list[torch.Tensor],
-    num_queries: int,
-    protocols: list[str],
     options: EvalConfig,
     comm: Comm,
-) -> dict[str, Any]:
-    """The linear probe and low-shot SVMs, fitted on rank 0 on a bounded sample ({} elsewhere).
+) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]] | None, int]:
+    """The probes' [training sample, queries] features and labels on rank 0 (None elsewhere),
+    and the sample's size.
 
     Each rank sends only its rows of a seeded sample of at most ``eval.probe_max_samples``
     training images, and the query split; the size is reported as ``probe_train_samples``.
     """
     sample = probe_sample(len(labels[0]), options.probe_max_samples, options.seed)
     train = gather_rows(*shards[0], sample, comm)
-    queries = gather_by_index(*shards[1], num_queries, comm)
+    queries = gather_by_index(*shards[1], len(labels[1]), comm)
+    if train is None or queries is None:
+        return None, int(sample.numel())
+    return ([train, queries], [labels[0][sample].long(), labels[1].long()]), int(sample.numel())
+
+
+def probe_protocol(
+    protocol: str, features: EncoderFeatures, options: EvalConfig, comm: Comm
+) -> dict[str, Any]:
+    """The linear probe or the low-shot SVMs, fitted on rank 0 on the bounded sample ({} on the
+    other ranks, which wait at a barrier meanwhile)."""
     row: dict[str, Any] = {}
-    if train is not None and queries is not None:  # rank 0
+    if features.probe is not None:  # rank 0
         with comm.idle_host_threads():  # the other ranks wait at the barrier below
-            row = gathered_protocols([train, queries], [labels[0][sample].long(), labels[1].long()],
-                                     protocols, options)  # fmt: skip
-        row["probe_train_samples"] = int(sample.numel())
+            row = gathered_protocols(*features.probe, [protocol], options)
+        row["probe_train_samples"] = features.probe_samples
     comm.barrier()
     return row
 
@@ -207,31 +303,6 @@ def applicable(requested: list[str], train_labels: torch.Tensor) -> list[str]:
     if train_labels.ndim == 2:
         return [p for p in requested if p == "lowshot"]
     return list(requested)
-
-
-def sharded_protocols(
-    shards: list[tuple[torch.Tensor, torch.Tensor]],
-    labels: list[torch.Tensor],
-    protocols: list[str],
-    seed: int,
-    comm: Comm,
-    device: torch.device,
-) -> dict[str, Any]:
-    """kNN and k-means scores with the features on their ranks' devices (the same everywhere)."""
-    row: dict[str, Any] = {}
-    if not {"knn", "cluster"} & set(protocols):
-        return row
-    parts = [
-        Shard(f, i, lab[i].long()).to(device) for (i, f), lab in zip(shards, labels, strict=True)
-    ]
-    every = torch.cat(labels)
-    if "knn" in protocols:
-        row.update(sharded_knn_scores(parts[0], parts[1], int(every.max()) + 1, comm))
-    if "cluster" in protocols:
-        sizes = [len(lab) for lab in labels]
-        scores = sharded_kmeans_scores(parts, sizes, int(every.unique().numel()), comm, seed)
-        row.update({f"kmeans_{k}": v for k, v in scores.items()})
-    return row
 
 
 def gathered_protocols(

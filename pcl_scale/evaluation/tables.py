@@ -1,7 +1,11 @@
-"""Markdown tables of evaluation results, and their flat form for logs and model cards."""
+"""Markdown tables of evaluation results, their flat form for logs and model cards, and the
+JSON file of ``pcl-scale eval``."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 
@@ -39,3 +43,16 @@ def format_evaluation(report: dict[str, dict[str, Any]]) -> str:
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, report: dict[str, dict[str, Any]]) -> None:
+    """Write ``report`` to ``path`` as JSON through a temporary file in the same directory and
+    ``os.replace``: a reader (or an interruption) sees the previous file or the new one, never
+    half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
