@@ -23,6 +23,9 @@ LAUNCHER = "ACCELERATE_MIXED_PRECISION"
 def fresh_accelerate_state():
     from accelerate.state import AcceleratorState, GradientState
 
+    # before too: an Accelerator left by an earlier test fixes the precision it was made with
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

@@ -55,7 +55,8 @@ def unknown_backbone_hint(name: str) -> str:
 
     import timm
 
-    close = difflib.get_close_matches(name, [*RESNETS, *VITS, *timm.list_models()], n=3)
+    names = list(dict.fromkeys([*RESNETS, *VITS, *timm.list_models()]))
+    close = difflib.get_close_matches(name, names, n=3)
     closest = f" (closest: {', '.join(close)})" if close else ""
     return (
         f"{closest}: use {', '.join((*RESNETS, *VITS))} or a timm model name (timm.list_models())"
