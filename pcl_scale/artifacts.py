@@ -7,6 +7,7 @@ report read them through this module.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pcl_scale.core.clusters import ClusterResult
+from pcl_scale.core.model import timm_pretrained_cfg
 from pcl_scale.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -137,26 +139,35 @@ def load_exported_backbone(model: str | Path) -> tuple[nn.Module, dict[str, Any]
     """
     path = Path(model).expanduser()
     if (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
+        config = _read_json(path / "config.json")
         if "library" in config:  # the format of pcl-scale 0.1's first exports
             return _legacy_export(path, config), config
         own_file = path / PCL_CONFIG
-        own = json.loads(own_file.read_text()) if own_file.is_file() else None
+        own = _read_json(own_file) if own_file.is_file() else None
         if own is not None and not own["loader"]["timm"]:
             return _torchvision_export(path, own["loader"]["torchvision"]), own
         import timm
 
-        net = timm.create_model(f"local-dir:{path}", pretrained=True)
+        net = timm.create_model(f"local-dir:{path}", pretrained=True, num_classes=0)
         return net.eval(), own or timm_view(net)
     net = timm_pretrained(str(model).removeprefix("timm:"))
     return net.eval(), timm_view(net)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"cannot read {path} ({err}): the export is damaged; export it again"
+        ) from err
 
 
 def timm_view(net: nn.Module) -> dict[str, Any]:
     """The eval view of a timm model's ``pretrained_cfg``: its input size, crop and statistics."""
     cfg = getattr(net, "pretrained_cfg", {})
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    resize = round(size / float(cfg.get("crop_pct", 0.875)))
+    resize = math.floor(size / float(cfg.get("crop_pct", 0.875)))  # timm's own rule
     return {
         "image_size": size,
         "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
@@ -169,10 +180,9 @@ def timm_pretrained(name: str) -> nn.Module:
     """timm's ``name`` (``arch`` or ``arch.tag``) with pooled features out, its pretrained weights
     read from the local Hugging Face cache only; a UserError saying how to fetch them."""
     import timm
-    import timm.models
     from huggingface_hub import hf_hub_download
 
-    pretrained = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    pretrained = timm_pretrained_cfg(name) if timm.is_model(name) else None
     if pretrained is None or not pretrained.hf_hub_id:
         raise UserError(
             f"{name!r} is neither a folder with a config.json nor a timm model name with "

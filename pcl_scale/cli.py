@@ -124,6 +124,12 @@ def check_eval_model(model: str) -> None:
         raise UserError(
             f"{model} holds no config.json: pass a run's export folder (RUN_DIR/export)"
         )
+    weights = ("model.safetensors", "pytorch_model.bin")
+    if path.is_dir() and not any((path / name).is_file() for name in weights):
+        raise UserError(
+            f"{model} holds no model.safetensors: the export is incomplete; export the run again "
+            "or pass another folder"
+        )
     if not path.exists():
         import timm
 

@@ -35,10 +35,11 @@ def recipe_names() -> list[str]:
 
 def find_recipe(spec: str | Path) -> Traversable | None:
     """The YAML ``spec`` denotes: the file itself, else the packaged recipe it names, else None."""
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.is_file():
         return path
-    bare = path.parent == Path(".") or path.parent.name == RECIPES_FOLDER
+    checkout_configs = Path(__file__).resolve().parent.parent / RECIPES_FOLDER  # old recipe paths
+    bare = path.parent in (Path("."), Path(RECIPES_FOLDER)) or path.parent == checkout_configs
     if not bare or path.suffix not in ("", ".yaml"):
         return None
     name = path.name.removesuffix(".yaml")

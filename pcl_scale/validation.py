@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from pcl_scale.config import (
     EVAL_PROTOCOLS,
     OPTIONAL_EVAL_PROTOCOLS,
@@ -17,7 +19,7 @@ from pcl_scale.config import (
     steps_per_epoch,
 )
 from pcl_scale.core.kmeans import faiss_gpu_count
-from pcl_scale.core.model import VITS, backbone_library, unknown_backbone_hint
+from pcl_scale.core.model import VITS, BackboneSpec, backbone_library, build_backbone
 from pcl_scale.data import BUILTINS
 
 _CHOICES = {
@@ -72,10 +74,16 @@ def _check_choices(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"{section}.{key}={value!r} is not one of {', '.join(choices)}")
     try:
-        backbone_library(cfg.model.backbone)
+        library = backbone_library(cfg.model.backbone)
     except ValueError as err:
-        hint = unknown_backbone_hint(cfg.model.backbone)
-        raise ConfigError(f"model.backbone={cfg.model.backbone!r} is unknown{hint}") from err
+        raise ConfigError(f"model.{err}") from err
+    if library == "timm":  # on the meta device: a size the model cannot take fails now, not later
+        spec = BackboneSpec(cfg.model.backbone, False, cfg.data.image_size, cfg.model.patch_size)
+        try:
+            with torch.device("meta"):
+                build_backbone(spec)
+        except ValueError as err:
+            raise ConfigError(f"model.backbone={cfg.model.backbone!r}: {err}") from err
     if cfg.run.trackers and not set(cfg.run.trackers) <= {"tensorboard", "wandb"}:
         raise ConfigError(f"run.trackers={cfg.run.trackers}: supported are tensorboard, wandb")
 

@@ -15,7 +15,7 @@ from pcl_scale.artifacts import load_exported_backbone, read_initial_weights
 from pcl_scale.cli import main
 from pcl_scale.config import load_config
 from pcl_scale.core.model import BackboneSpec, PCLModel
-from pcl_scale.engine.export import export_backbone
+from pcl_scale.engine.export import export_backbone, timm_config
 from pcl_scale.engine.loop import build_model, train
 
 from .conftest import tiny_overrides
@@ -243,3 +243,51 @@ def test_init_from_weights_of_another_architecture_is_refused(tmp_path, tiny_dat
     err = capsys.readouterr().err
     assert code == 2 and "do not fit this model" in err and "Traceback" not in err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_timm_folder_with_a_classifier_is_scored_on_pooled_features(tmp_path):
+    """A downloaded supervised timm folder keeps its classifier in config.json; evaluation must
+    read its pooled features, not its logits."""
+    net = timm.create_model("test_convnext", num_classes=10).eval()
+    timm.models.save_for_hf(net, str(tmp_path / "supervised"), safe_serialization=True)
+    loaded, view = load_exported_backbone(tmp_path / "supervised")
+    x = torch.randn(2, 3, 32, 32)
+    assert loaded(x).shape == (2, net.num_features)
+    torch.testing.assert_close(loaded(x), net.forward_head(net.forward_features(x), True))
+    assert view["image_size"] == net.pretrained_cfg["input_size"][-1]
+
+
+def test_exported_crop_pct_gives_timm_the_trainers_resize(tmp_path):
+    for size, resize in ((32, 37), (64, 68), (112, 127), (224, 228), (224, 256), (16, 16)):
+        cfg = load_config(None, [f"data.image_size={size}", f"data.resize_size={resize}"])
+        pct = timm_config(cfg, 512)["pretrained_cfg"]["crop_pct"]
+        assert math.floor(size / pct) == resize, (size, resize, pct)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["model.backbone=resnet50.a1_in1k"], "model.init_from=timm:resnet50.a1_in1k"),
+        (["model.backbone=resnet50.nosuchtag"], "model.init_from=timm:resnet50.nosuchtag"),
+        (["model.backbone=gcvit_xxtiny", "data.image_size=28"], "cannot build 'gcvit_xxtiny'"),
+        (["--config", "/nonexistent/configs/mnist.yaml"], "is neither a file nor"),
+    ],
+    ids=["weights-tag", "bad-tag", "size-timm-cannot-build", "missing-configs-file"],
+)
+def test_backbone_and_recipe_mistakes_exit_2_before_anything_runs(tmp_path, capsys, args,
+                                                                  expected):  # fmt: skip
+    out = tmp_path / "run"
+    assert main(["train", *args, f"run.output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_eval_of_a_bad_tag_or_an_incomplete_export_exits_2(tmp_path, capsys):
+    assert main(["eval", "resnet50.nosuchtag", "data.source=digits"]) == 2
+    assert "neither a folder with a config.json nor a timm model name" in capsys.readouterr().err
+    _, export = exported(tmp_path, ["model.backbone=resnet18"], BackboneSpec("resnet18"))
+    (export / "model.safetensors").unlink()
+    assert main(["eval", str(export), "data.source=digits"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no model.safetensors" in err and "Traceback" not in err

@@ -116,7 +116,7 @@ def test_small_stem_and_torchvision_key_names():
 
 
 def test_unknown_backbone_and_head():
-    with pytest.raises(ValueError, match=r"backbone 'resnet7' is unknown.*resnet18"):
+    with pytest.raises(ValueError, match=r"backbone='resnet7' is unknown.*resnet18"):
         build_backbone(BackboneSpec("resnet7"))
     with pytest.raises(ValueError, match="projection head"):
         PCLModel(BackboneSpec("resnet18"), head="deep")  # type: ignore[arg-type]

@@ -44,9 +44,27 @@ def backbone_library(name: str) -> Literal["torchvision", "timm"]:
         return "torchvision"
     import timm
 
-    if name in VITS or timm.is_model(name):
+    if name in VITS:
         return "timm"
-    raise ValueError(f"backbone {name!r} is unknown{unknown_backbone_hint(name)}")
+    if timm.is_model(name):
+        architecture, _, tag = name.partition(".")
+        if tag:  # weights, not an architecture: the backbone starts random either way
+            raise ValueError(
+                f"backbone={name!r} names pretrained weights: use the architecture "
+                f"{architecture!r} and start from the weights with model.init_from=timm:{name}"
+            )
+        return "timm"
+    raise ValueError(f"backbone={name!r} is unknown{unknown_backbone_hint(name)}")
+
+
+def timm_pretrained_cfg(name: str) -> Any:
+    """timm's ``PretrainedCfg`` of ``arch`` or ``arch.tag``; None for a name or tag timm lacks."""
+    import timm.models
+
+    try:
+        return timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # timm's "Invalid pretrained tag"
+        return None
 
 
 def unknown_backbone_hint(name: str) -> str:
@@ -67,11 +85,9 @@ def timm_arguments(spec: BackboneSpec) -> tuple[str, dict[str, Any]]:
     """The timm architecture and the ``create_model`` arguments of a timm backbone: pooled
     features (``num_classes=0``), the run's image size where the input size is fixed (ViTs), and
     the patch size of the short ViT names."""
-    import timm.models
-
     architecture = VITS.get(spec.name, spec.name)
     kwargs: dict[str, Any] = {"num_classes": 0}
-    default = timm.models.get_pretrained_cfg(architecture)
+    default = timm_pretrained_cfg(architecture)
     if default is not None and default.fixed_input_size:
         kwargs["img_size"] = spec.img_size
     if spec.name in VITS:
@@ -103,7 +119,13 @@ def build_backbone(spec: BackboneSpec) -> tuple[nn.Module, int]:
     import timm
 
     architecture, kwargs = timm_arguments(spec)
-    net = timm.create_model(architecture, pretrained=False, **kwargs)
+    try:
+        net = timm.create_model(architecture, pretrained=False, **kwargs)
+    except Exception as err:  # timm's asserts and shape errors for sizes a model cannot take
+        raise ValueError(
+            f"timm cannot build {architecture!r} for {spec.img_size} px images "
+            f"({type(err).__name__}: {err}): choose another image size or backbone"
+        ) from err
     timm_features = net.num_features
     assert isinstance(timm_features, int)
     return net, timm_features

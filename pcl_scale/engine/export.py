@@ -13,6 +13,7 @@ sees half an export.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -25,7 +26,12 @@ from torch import Tensor, nn
 from pcl_scale import __version__
 from pcl_scale.artifacts import ONLINE_BACKBONE, ONLINE_HEAD, PCL_CONFIG
 from pcl_scale.config import Config, to_dict
-from pcl_scale.core.model import BackboneSpec, backbone_library, timm_arguments
+from pcl_scale.core.model import (
+    BackboneSpec,
+    backbone_library,
+    timm_arguments,
+    timm_pretrained_cfg,
+)
 from pcl_scale.engine.model_card import model_card
 from pcl_scale.errors import UserError
 
@@ -40,19 +46,25 @@ def timm_loadable(cfg: Config) -> bool:
     return not (cfg.model.small_stem and backbone_library(cfg.model.backbone) == "torchvision")
 
 
+def crop_pct(size: int, resize: int) -> float:
+    """``size / resize`` rounded down to 4 decimals: timm resizes to ``floor(size / crop_pct)``,
+    which must give ``resize`` back (rounding to nearest can give ``resize - 1``)."""
+    pct = math.floor(size / resize * 1e4) / 1e4
+    assert math.floor(size / pct) == resize, (size, resize, pct)
+    return pct
+
+
 def timm_config(cfg: Config, num_features: int) -> dict[str, Any]:
     """``config.json`` in timm's format: the architecture, pooled features (``num_classes`` 0),
     the arguments that rebuild it (``model_args``) and the eval view (``pretrained_cfg``)."""
-    import timm.models
-
     architecture, kwargs = timm_arguments(backbone_spec(cfg))
     kwargs.pop("num_classes")
-    default = timm.models.get_pretrained_cfg(architecture)
+    default = timm_pretrained_cfg(architecture)
     size = cfg.data.image_size
     pretrained_cfg = {
         "input_size": [3, size, size],
         "interpolation": "bilinear",  # torchvision's Resize, as the trainer's eval view
-        "crop_pct": round(size / cfg.data.eval_resize, 4),
+        "crop_pct": crop_pct(size, cfg.data.eval_resize),
         "crop_mode": "center",
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
@@ -176,7 +188,7 @@ def check_hub_access(then: str) -> None:
     (checked before a run trains, so that its upload does not fail hours later)."""
     from huggingface_hub import constants, get_token
 
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         raise UserError(f"the Hub is in offline mode (HF_HUB_OFFLINE=1): unset it, {then}")
     if get_token() is None:
         raise UserError(f"no Hugging Face token: run `hf auth login` or set HF_TOKEN, {then}")

@@ -6,6 +6,7 @@ Built with ``huggingface_hub``'s ``ModelCard``, so the YAML header is the Hub's 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -54,7 +55,11 @@ def model_card(timm_cfg: dict[str, Any], pcl_cfg: dict[str, Any], name: str) -> 
 
 def _hub_dataset(source: str) -> list[str] | None:
     """The training data as a Hub dataset id, when it is one (not a path or a built-in)."""
-    looks_local = source.startswith(("/", ".", "~")) or any(c in source for c in "*?[")
+    looks_local = (
+        source.startswith(("/", ".", "~"))
+        or any(c in source for c in "*?[")
+        or Path(source).exists()
+    )
     if source in BUILTIN_SOURCES or looks_local or source.count("/") != 1:
         return None
     return [source]
