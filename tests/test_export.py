@@ -4,6 +4,7 @@
 import hashlib
 import json
 import math
+from typing import Any
 
 import pytest
 import timm
@@ -248,7 +249,7 @@ def test_init_from_weights_of_another_architecture_is_refused(tmp_path, tiny_dat
 def test_a_timm_folder_with_a_classifier_is_scored_on_pooled_features(tmp_path):
     """A downloaded supervised timm folder keeps its classifier in config.json; evaluation must
     read its pooled features, not its logits."""
-    net = timm.create_model("test_convnext", num_classes=10).eval()
+    net: Any = timm.create_model("test_convnext", num_classes=10).eval()
     timm.models.save_for_hf(net, str(tmp_path / "supervised"), safe_serialization=True)
     loaded, view = load_exported_backbone(tmp_path / "supervised")
     x = torch.randn(2, 3, 32, 32)
