@@ -4,6 +4,7 @@
 import hashlib
 import json
 import math
+import shutil
 from typing import Any
 
 import pytest
@@ -292,3 +293,22 @@ def test_eval_of_a_bad_tag_or_an_incomplete_export_exits_2(tmp_path, capsys):
     assert main(["eval", str(export), "data.source=digits"]) == 2
     err = capsys.readouterr().err
     assert "holds no model.safetensors" in err and "Traceback" not in err
+
+
+def test_a_resumed_run_does_not_read_init_from_again(tmp_path, tiny_dataset_dir):
+    """The checkpoint holds the weights: a resume needs the init_from source no longer (it may
+    have been deleted) and continues the straight run."""
+    _, export = exported(
+        tmp_path, ["model.backbone=resnet18", "model.small_stem=true", "model.dim=16"],
+        BackboneSpec("resnet18", small_stem=True),
+    )  # fmt: skip
+    start = {"model.init_from": str(export)}
+    straight = train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "a", **start)))
+    resumed_dir = tmp_path / "b"
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_000000006",
+                    resumed_dir / "checkpoints" / "step_000000006")  # fmt: skip
+    shutil.rmtree(export)
+    resumed = train(load_config(None, tiny_overrides(tiny_dataset_dir, resumed_dir, **start,
+                                                     **{"run.resume": "auto"})))  # fmt: skip
+    last = [r["loss"] for r in straight.history if "loss" in r and r["epoch"] == 2]
+    assert [r["loss"] for r in resumed.history if "loss" in r] == pytest.approx(last, rel=1e-5)

@@ -168,7 +168,11 @@ def setup(cfg: Config, accelerator: Any, stop: StopRequest) -> Run:
     seed_everything(derive_seed(cfg.run.seed, SeedStream.SETUP, 0, 0, comm.rank))
     train_ds = load_training_set(cfg, accelerator, comm)
     validate_for_data(cfg, len(train_ds), comm.world_size)
-    model, optimizer = prepare_model(cfg, accelerator, local_batch_size(cfg, comm.world_size))
+    checkpoint = agreed_resume(cfg.run.resume, Path(cfg.run.output_dir), comm)
+    fresh = checkpoint is None  # a resumed run's weights come from its checkpoint, not init_from
+    model, optimizer = prepare_model(
+        cfg, accelerator, local_batch_size(cfg, comm.world_size), fresh
+    )
     run_dir = Path(cfg.run.output_dir)  # inputs and initial weights are checked: now write
     if comm.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +180,7 @@ def setup(cfg: Config, accelerator: Any, stop: StopRequest) -> Run:
     if cfg.run.trackers:
         accelerator.init_trackers(run_dir.name, config=flat_config(cfg))
     layout = Layout(distributed_kind(accelerator), comm.world_size)
-    state, clusters, resumed = resume(cfg, accelerator, layout, comm)
+    state, clusters, resumed = resume(checkpoint, accelerator, layout)
     to_input = device_input(cfg.data, accelerator.device, uses_channels_last(cfg, accelerator))
     run = Run(
         cfg, accelerator, comm, stop, train_ds, model, optimizer, layout,
@@ -198,14 +202,17 @@ def load_training_set(cfg: Config, accelerator: Any, comm: Comm) -> Any:
     return train_ds
 
 
-def build_model(cfg: Config, log: Callable[[str], None] = print) -> PCLModel:
-    """The PCL model, started from ``model.init_from``'s weights when it names any."""
+def build_model(
+    cfg: Config, log: Callable[[str], None] = print, initial_weights: bool = True
+) -> PCLModel:
+    """The PCL model, started from ``model.init_from``'s weights when it names any (and
+    ``initial_weights``: a resumed run loads its checkpoint instead)."""
     m = cfg.model
     head: Any = m.head  # validated: 'linear' or 'mlp'
     model = PCLModel(
         backbone_spec(cfg), m.dim, head, cfg.pcl.queue_length, m.mlp_hidden_dim or None
     )
-    if m.init_from:
+    if m.init_from and initial_weights:
         start_from(model, read_initial_weights(m.init_from), log)
     return model
 
@@ -228,11 +235,13 @@ def start_from(model: PCLModel, weights: InitialWeights, log: Callable[[str], No
     log(f"model.init_from: {loaded} from {weights.source}")
 
 
-def prepare_model(cfg: Config, accelerator: Any, local_batch: int) -> tuple[Any, Any]:
+def prepare_model(
+    cfg: Config, accelerator: Any, local_batch: int, initial_weights: bool = True
+) -> tuple[Any, Any]:
     """The model (same initial weights and queue on every rank) and SGD, prepared."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.run.seed, SeedStream.SETUP, 0, 0, 0))
-        model = build_model(cfg, accelerator.print)
+        model = build_model(cfg, accelerator.print, initial_weights)
     optimizer = torch.optim.SGD(
         [p for p in model.encoder_q.parameters()],
         lr=cfg.optim.lr,
@@ -251,10 +260,10 @@ def prepare_model(cfg: Config, accelerator: Any, local_batch: int) -> tuple[Any,
 
 
 def resume(
-    cfg: Config, accelerator: Any, layout: Layout, comm: Comm
+    path: Path | None, accelerator: Any, layout: Layout
 ) -> tuple[TrainState, ClusterResult | None, bool]:
-    """The checkpoint ``run.resume`` names (rank 0's choice), restored; else a fresh state."""
-    path = agreed_resume(cfg.run.resume, Path(cfg.run.output_dir), comm)
+    """The checkpoint ``run.resume`` names (rank 0's choice, agreed), restored; else a fresh
+    state."""
     if path is None:
         return TrainState(), None, False
     state, clusters = load_checkpoint(accelerator, path, layout)
