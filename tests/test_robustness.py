@@ -317,7 +317,7 @@ def test_sigterm_during_the_final_evaluation_exits_3_and_the_resume_evaluates(
 def test_sigterm_during_the_knn_check_exits_3_and_the_resume_reproduces_the_run(
     tmp_path, tiny_dataset_dir, monkeypatch
 ):
-    import pcl_scale.engine.evaluate as evaluate_module
+    import pcl_scale.evaluation.progress as evaluate_module  # the kNN check extracts through it
 
     extra = {"optim.epochs": 3, "run.knn_every": 1, "data.eval_split": "test"}
     straight = train(load_config(None, tiny_overrides(tiny_dataset_dir, tmp_path / "a", **extra)))

@@ -413,14 +413,8 @@ def row_sq_norms(x: Tensor, chunk_bytes: int = PASS_CHUNK_BYTES) -> Tensor:
     Per row the same operations as ``x.pow(2).sum(1)``, so the same bits.
     """
     out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    buffer = _row_buffer(x, chunk_bytes)
-    rows = buffer.shape[0]
-    for start in range(0, x.shape[0], rows):
-        xc = x[start : start + rows]  # (n_c, D)
-        part = buffer[: xc.shape[0]]
-        torch.pow(xc, 2, out=part)
-        torch.sum(part, 1, out=out[start : start + rows])
-    return out
+    origin = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)  # x - 0 is x, bit for bit
+    return _sq_distances_to(x, origin, _row_buffer(x, chunk_bytes), out)
 
 
 # The fused Triton kernel replaces the chunked product + minimum on CUDA (set False to compare).

@@ -8,7 +8,6 @@ stderr what it extracts (a tqdm bar on a terminal) and names each score as it st
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from pcl_scale.artifacts import EMBEDDINGS_FILE
 from pcl_scale.config import Config
 from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
 from pcl_scale.distributed.comm import Comm
-from pcl_scale.distributed.extract import ExtractOptions, extract_shard, gather_rows
+from pcl_scale.distributed.extract import ExtractOptions, gather_rows
 from pcl_scale.engine.runtime import sync_buffers, unwrap
 from pcl_scale.evaluation.progress import Progress
 from pcl_scale.evaluation.sharded import (
@@ -177,16 +176,14 @@ def extract_labelled(
         view = IndexedImages(ds, cfg.data.image_column, eval_transform(cfg.data))
         labels = labels_of(ds, cfg.data)
         assert labels is not None
-        what = f"extract {split} ({len(ds)} images) through the backbone"
-        opts = dataclasses.replace(extract, progress=progress.bars, desc=what)
-        with progress.stage(what):
-            index, feats = extract_shard(backbone, view, comm, opts)
+        what = f"extract {split} ({len(ds)} images)"
+        index, feats = progress.extract(
+            backbone, view, comm, extract, f"{what} through the backbone"
+        )
         learned.append(Shard(feats, index, labels[index].long()).to(extract.device))
         if with_raw:
-            what = f"extract {split} ({len(ds)} images) as raw pixels"
-            opts = dataclasses.replace(extract, progress=progress.bars, desc=what)
-            with progress.stage(what):
-                _, pixels = extract_shard(torch.nn.Flatten(), view, comm, opts)
+            _, pixels = progress.extract(torch.nn.Flatten(), view, comm, extract,
+                                         f"{what} as raw pixels")  # fmt: skip
             raw.append(Shard(pixels, index, labels[index].long()).to(extract.device))
         all_labels.append(labels)
     return learned, raw, all_labels

@@ -5,10 +5,17 @@ terminal (a log file gets the plain lines only)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from pcl_scale.distributed.comm import Comm
+from pcl_scale.distributed.extract import ExtractOptions, extract_shard
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,14 @@ class Progress:
     def line(self, message: str) -> None:
         if self.enabled:
             print(f"[{self.prefix}] {message}", file=sys.stderr, flush=True)
+
+    def extract(
+        self, encoder: nn.Module, view: Any, comm: Comm, opts: ExtractOptions, what: str
+    ) -> tuple[Tensor, Tensor]:
+        """:func:`extract_shard` as a stage named ``what``, with a bar where :attr:`bars`."""
+        opts = dataclasses.replace(opts, progress=self.bars, desc=what)
+        with self.stage(what):
+            return extract_shard(encoder, view, comm, opts)
 
     @contextlib.contextmanager
     def stage(self, what: str) -> Iterator[None]:

@@ -29,7 +29,6 @@ from pcl_scale.data import IndexedImages, eval_transform, labels_of, load_split
 from pcl_scale.distributed.comm import Comm
 from pcl_scale.distributed.extract import (
     ExtractOptions,
-    extract_shard,
     gather_by_index,
     gather_rows,
 )
@@ -134,7 +133,7 @@ def evaluate_export(
         for protocol in protocols:
             with progress.stage(f"{protocol} on {name}"):
                 done.update(run_protocol(protocol, features, inputs))
-            report[name] = ordered_row(options.protocols, protocols, done, {})
+            report[name] = ordered_row(options.protocols, protocols, done)
             if on_result is not None and comm.is_main:
                 on_result(report)
     if not comm.is_main:
@@ -159,11 +158,9 @@ def encoder_features(
     data, comm = inputs.data, inputs.comm
     shards = []
     for split, view in zip((data.split, data.eval_split), inputs.views, strict=True):
+        opts = ExtractOptions(inputs.options.batch_size, data.num_workers, inputs.device)
         what = f"extract {split} ({len(view)} images) through {name}"
-        opts = ExtractOptions(inputs.options.batch_size, data.num_workers, inputs.device,
-                              progress=progress.bars, desc=what)  # fmt: skip
-        with progress.stage(what):
-            shards.append(extract_shard(encoder, view, comm, opts))
+        shards.append(progress.extract(encoder, view, comm, opts, what))
     parts: list[Shard] = []
     if {"knn", "cluster"} & set(protocols):
         parts = [Shard(f, i, lab[i].long()).to(inputs.device)
@@ -331,17 +328,14 @@ def gathered_protocols(
     return row
 
 
-def ordered_row(
-    requested: list[str], applied: list[str], sharded: dict[str, Any], gathered: dict[str, Any]
-) -> dict[str, Any]:
+def ordered_row(requested: list[str], applied: list[str], done: dict[str, Any]) -> dict[str, Any]:
     """One flat row in protocol order (knn, linear, lowshot, cluster, linear_reference)."""
     row: dict[str, Any] = {}
     skipped = [p for p in requested if p not in applied]
     if skipped:
         row["skipped_for_multilabel"] = skipped
-    both = {**sharded, **gathered}
     for prefix in ("knn", "linear_", "lowshot_", "kmeans_", "linear_reference_", "probe_"):
-        for key, value in both.items():
+        for key, value in done.items():
             reference = key.startswith("linear_reference_") and prefix == "linear_"
             if key.startswith(prefix) and not reference:
                 row.setdefault(key, value)
