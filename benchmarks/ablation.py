@@ -70,11 +70,14 @@ BOOKKEEPING = ("resume", "checkpoint_every", "checkpoint_every_steps", "keep_che
 
 
 def recipe_of(cfg: Config) -> Config:
-    """The configuration without the run's bookkeeping (``BOOKKEEPING``): a run resumed, or
-    checkpointed and logged at another cadence, trains the same recipe."""
+    """The configuration without the run's bookkeeping (``BOOKKEEPING``) and held-out split: a
+    run resumed, checkpointed and logged at another cadence, or scored elsewhere, trains the same
+    recipe."""
     defaults = RunConfig()
     blank = {name: getattr(defaults, name) for name in BOOKKEEPING}
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **blank), eval=EvalConfig())
+    data = dataclasses.replace(cfg.data, eval_split="")  # what a run is scored on, not trained on
+    run = dataclasses.replace(cfg.run, **blank)
+    return dataclasses.replace(cfg, data=data, run=run, eval=EvalConfig())
 
 
 def main() -> None:
@@ -91,6 +94,10 @@ def main() -> None:
 
     recipe = load_config(ROOT / args.config, args.overrides)
     epochs, max_samples = recipe.optim.epochs, recipe.data.max_samples
+    # scored on the recipe's held-out rows (e.g. data.eval_split='train[50000:]', a validation
+    # part of the training split) when it names them, else on pcl-scale eval's default split
+    splits = [f"data.split={recipe.data.split}"]
+    splits += [f"data.eval_split={recipe.data.eval_split}"] if recipe.data.eval_split else []
     rows: dict[str, list[dict[str, float]]] = {"pcl": [], "infonce": [], "raw": []}
     variants = [v for v in ("pcl", "infonce") if v in args.variants]
     plan = []
@@ -118,7 +125,7 @@ def main() -> None:
             proto = [f"eval.run_dir={run}"] if variant == "pcl" else []
             cli("eval", str(run / "export"), f"data.source={args.source}",
                 "eval.protocols=[knn,linear,cluster]", f"eval.json={report}",
-                f"data.max_samples={max_samples}", *proto)  # fmt: skip
+                f"data.max_samples={max_samples}", *splits, *proto)  # fmt: skip
         result = json.loads(report.read_text())
         row = dict(result["pcl backbone"])
         if "prototypes" in result:  # the coarsest granularity (the recipe's first K)

@@ -87,6 +87,13 @@ class DataConfig:
             "crop and flip: about 3x the samples per worker, docs/benchmarks.md)"
         ),
     )
+    color_jitter: list[float] = field(
+        default_factory=list,
+        metadata=_help(
+            "brightness, contrast, saturation, hue of the colour jitter ([] = the aug's own: "
+            "0.4 each for aug, hue 0.1 for aug_plus; saturation and hue do nothing to gray images)"
+        ),
+    )
     max_samples: int = field(default=0, metadata=_help("use the first N samples (0 = all)"))
     on_bad_image: str = field(
         default="fail",

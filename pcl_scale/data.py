@@ -29,7 +29,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torchvision import transforms as T
 
 from pcl_scale.config import DataConfig
-from pcl_scale.core.photometric import Photometric, photometric_for
+from pcl_scale.core.photometric import Photometric, jitter_of, photometric_for
 from pcl_scale.core.seeds import mix_seed
 from pcl_scale.errors import DataError
 
@@ -51,7 +51,7 @@ def load_split(cfg: DataConfig, split: str | None = None) -> Any:
     loaded = _load_source(cfg)
     ds = _pick_split(loaded, split, cfg)
     if cfg.eval_split and split == cfg.split:
-        _pick_split(loaded, cfg.eval_split, cfg)
+        _check_held_out(loaded, cfg)
     if cfg.max_samples:
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
     columns = list(ds.column_names)
@@ -200,33 +200,98 @@ def _short(value: Any) -> str:
 
 
 def _pick_split(loaded: Any, split: str, cfg: DataConfig) -> Any:
-    """The split named ``split``; never another split's images in its place."""
+    """The split named ``split``, or the rows a Hugging Face slice of it names
+    (``train[50000:]``, ``train[:90%]``); never another split's images in its place."""
+    name, _ = split_slice(split)
+    whole = _whole_split(loaded, name, split, cfg)
+    rows = slice_rows(split, len(whole), cfg)
+    return whole if rows is None else whole.select(rows)
+
+
+def split_slice(split: str) -> tuple[str, str]:
+    """``'train[50000:]'`` -> ``('train', '[50000:]')``; a bare name has no slice."""
+    name, bracket, rest = split.partition("[")
+    return name, bracket + rest
+
+
+def slice_rows(split: str, size: int, cfg: DataConfig) -> np.ndarray | None:
+    """Row indices of ``split`` in its split of ``size`` rows (None: every row), parsed as
+    ``datasets`` parses split slices, so a slice means here what it means to ``load_dataset``."""
+    from datasets.arrow_reader import ReadInstruction
+
+    name, part = split_slice(split)
+    if not part:
+        return None
+    option = "data.eval_split" if split == cfg.eval_split else "data.split"
+    try:
+        ranges = ReadInstruction.from_spec(split).to_absolute({name: size})
+    except (ValueError, AssertionError) as err:
+        raise DataError(
+            f"{option}={split!r} is not a split slice: write a split name, optionally with "
+            f"rows as in load_dataset, e.g. 'train[50000:]' or 'train[:90%]' ({err})"
+        ) from None
+    rows = np.concatenate([np.arange(r.from_, r.to) for r in ranges])
+    if len(rows) == 0:
+        raise DataError(f"{option}={split!r} selects no rows of the {size} in split {name!r}")
+    return rows
+
+
+def _check_held_out(loaded: Any, cfg: DataConfig) -> None:
+    """``data.eval_split`` exists and, when it slices the training split, shares no row with the
+    rows trained on (``data.split``, then ``data.max_samples``): a held-out score never scores
+    training images."""
+    eval_ds = _pick_split(loaded, cfg.eval_split, cfg)
+    train_name, eval_name = split_slice(cfg.split)[0], split_slice(cfg.eval_split)[0]
+    if train_name != eval_name:
+        return
+    size = len(_whole_split(loaded, train_name, cfg.split, cfg))
+    trained = slice_rows(cfg.split, size, cfg)
+    trained = np.arange(size) if trained is None else trained
+    scored = slice_rows(cfg.eval_split, size, cfg)
+    scored = np.arange(size) if scored is None else scored
+    if cfg.max_samples:
+        trained, scored = trained[: cfg.max_samples], scored[: cfg.max_samples]
+    shared = np.intersect1d(trained, scored)
+    if len(shared) and len(eval_ds):
+        raise DataError(
+            f"data.eval_split={cfg.eval_split!r} shares {len(shared)} rows of split "
+            f"{train_name!r} with the rows trained on (data.split={cfg.split!r}, "
+            f"data.max_samples={cfg.max_samples}), first row {shared[0]}: a held-out score "
+            f"would score training images. Slice both so they do not meet, e.g. "
+            f"data.split='train[:90%]' data.eval_split='train[90%:]'"
+        )
+
+
+def _whole_split(loaded: Any, name: str, asked: str, cfg: DataConfig) -> Any:
+    """The whole split ``name`` (``asked``, the option's value, may slice it)."""
     import datasets
 
-    option = "data.eval_split" if split == cfg.eval_split else "data.split"
+    option = "data.eval_split" if asked == cfg.eval_split else "data.split"
     if not isinstance(loaded, datasets.DatasetDict):  # a Dataset saved on its own: no splits
-        if cfg.eval_split:
+        if cfg.eval_split and not split_slice(cfg.eval_split)[1]:
             raise DataError(
                 f"data.eval_split={cfg.eval_split!r} asks for a held-out split, but "
                 f"data.source={cfg.source!r} is one saved Dataset without splits: evaluating on "
-                f"it would score the training images. Save a DatasetDict with that split, or set "
+                f"it would score the training images. Save a DatasetDict with that split, hold "
+                f"out rows (data.split='train[:90%]' data.eval_split='train[90%:]'), or set "
                 f"data.eval_split=''"
             )
         return loaded
-    if split in loaded:
-        return loaded[split]
+    if name in loaded:
+        return loaded[name]
     if _names_files(cfg.source) or Path(cfg.source).expanduser().is_file():
         raise DataError(
-            f"{option}={split!r} asks for a split, but data.source={cfg.source!r} names files, "
+            f"{option}={asked!r} asks for a split, but data.source={cfg.source!r} names files, "
             f"which load as the one split 'train' (a held-out split would be the training images "
             f"again). Map files to splits with data.data_files (e.g. data.source=. "
-            f"data.data_files.train='a/*.parquet' data.data_files.test='b/*.parquet'), or pass "
+            f"data.data_files.train='a/*.parquet' data.data_files.test='b/*.parquet'), pass "
             f"the dataset folder as data.source (file names such as data/test-*.parquet name "
-            f"their split)"
+            f"their split), or hold out rows (data.split='train[:90%]' "
+            f"data.eval_split='train[90%:]')"
         )
     fix = "" if cfg.source in BUILTINS else ", or map files to splits with data.data_files"
     raise DataError(
-        f"split {split!r} not found in {cfg.source!r}; available splits: "
+        f"split {name!r} not found in {cfg.source!r}; available splits: "
         f"{', '.join(loaded.keys())}. Set {option} to one of them{fix}."
     )
 
@@ -351,18 +416,19 @@ def train_transform(cfg: DataConfig) -> TwoCrops:
     tail = [*flip, T.PILToTensor()]  # uint8: cast and normalised on the device (DeviceInput)
     if cfg.photometric == "device":
         return TwoCrops(T.Compose([crop, *tail]))
+    jitter = T.ColorJitter(*jitter_of(cfg.aug, cfg.color_jitter))
     if cfg.aug == "aug_plus":
         scale = cfg.image_size / 224.0
         ops = [
             crop,
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomApply([jitter], p=0.8),
             T.RandomGrayscale(p=0.2),
             # sigma ~ U[0.1, 2.0] px at 224 px, as the reference; scaled with the crop size so
             # that small images are blurred as much relative to their size.
             T.RandomApply([GaussianBlurPIL((0.1 * scale, 2.0 * scale))], p=0.5),
         ]
     else:
-        ops = [crop, T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4)]
+        ops = [crop, T.RandomGrayscale(p=0.2), jitter]
     return TwoCrops(T.Compose([*ops, *tail]))
 
 
@@ -418,7 +484,11 @@ class DeviceInput:
 def device_input(cfg: DataConfig, device: torch.device, channels_last: bool = False) -> DeviceInput:
     """The run's :class:`DeviceInput`: its normalisation, and the photometric augmentations when
     ``data.photometric=device``."""
-    augment = photometric_for(cfg.aug, cfg.image_size) if cfg.photometric == "device" else None
+    augment = (
+        photometric_for(cfg.aug, cfg.image_size, cfg.color_jitter)
+        if cfg.photometric == "device"
+        else None
+    )
     return DeviceInput(device, tuple(cfg.mean), tuple(cfg.std), channels_last, augment)
 
 

@@ -133,6 +133,12 @@ def _check_ranges(cfg: Config) -> None:
 def _check_views(cfg: Config) -> None:
     if not 0.0 < cfg.data.crop_min_scale <= 1.0:
         raise ConfigError(f"data.crop_min_scale={cfg.data.crop_min_scale} must be in (0, 1]")
+    jitter = cfg.data.color_jitter
+    if jitter and (len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5):
+        raise ConfigError(
+            f"data.color_jitter={jitter} needs 4 values >= 0 (brightness, contrast, saturation, "
+            f"hue <= 0.5), e.g. [0.4,0.4,0,0] for gray images, or [] for the aug's own"
+        )
     for key in ("rotate_degrees", "shear_degrees"):
         value = getattr(cfg.data, key)
         if not 0.0 <= value < 90.0:

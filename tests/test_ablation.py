@@ -87,6 +87,14 @@ def test_checkpoint_and_logging_cadence_are_not_part_of_the_recipe(tmp_path):
     assert "holds a finished run of another recipe" in proc.stderr  # monitoring is not bookkeeping
 
 
+def test_the_held_out_split_is_not_part_of_the_recipe(tmp_path):
+    """A run scored on a validation part of the training split trained the same model."""
+    finished_run(tmp_path, "pcl", 0, 0.8)
+    proc = ablation(tmp_path, "data.eval_split=train[1200:]", "--seeds", "0", "--variants", "pcl")
+    assert proc.returncode == 0, proc.stderr
+    assert "0.800 +- " in proc.stdout
+
+
 def test_an_unfinished_run_of_another_recipe_is_refused_before_any_training(tmp_path):
     finished_run(tmp_path, "pcl", 0, 0.8)
     finished_run(tmp_path, "pcl", 1, 0.8, extra=["optim.lr=0.5"])

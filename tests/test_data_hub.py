@@ -152,3 +152,47 @@ def test_hub_options_reach_load_dataset_or_are_refused(tmp_path, hub_repo):
         validate(cfg)
     with pytest.raises(ConfigError, match=r"a split name and a file or glob"):
         validate(load_config(None, [f"data.source={hub_repo}", "data.data_files.test=''"]))
+
+
+def pixels(ds) -> list[bytes]:
+    return [row["image"].tobytes() for row in ds]
+
+
+@pytest.mark.parametrize(
+    ("train", "held_out"), [("train[:24]", "train[24:]"), ("train[:80%]", "train[-20%:]")]
+)
+def test_split_slices_select_the_rows_load_dataset_selects(hub_repo, train, held_out):
+    """A validation part of the training split: the same rows as ``load_dataset(split=...)``."""
+    import datasets
+
+    cfg = cfg_for(hub_repo, split=train, eval_split=held_out)
+    ours = load_split(cfg), load_split(cfg, cfg.eval_split)
+    for split, rows in zip((train, held_out), ours, strict=True):
+        expected = datasets.load_dataset(str(hub_repo), split=split)
+        assert pixels(rows) == pixels(expected) and rows["label"] == expected["label"]
+    assert len(ours[0]) + len(ours[1]) == TRAIN_ROWS
+
+
+def test_held_out_rows_that_were_trained_on_are_refused(hub_repo):
+    cfg = cfg_for(hub_repo, split="train[:20]", eval_split="train[15:]")
+    with pytest.raises(DataError, match=r"shares 5 rows of split 'train'.*first row 15"):
+        load_split(cfg)
+    # data.max_samples trains on the first rows only: the rows past them are held out
+    assert len(load_split(cfg_for(hub_repo, max_samples=20, eval_split="train[20:]"))) == 20
+    with pytest.raises(DataError, match=r"shares 1 rows"):
+        load_split(cfg_for(hub_repo, max_samples=20, eval_split="train[19:]"))
+
+
+@pytest.mark.parametrize("bad", ["train[x]", "train[3:1]", "train[:10]+test[:2]"])
+def test_a_bad_slice_is_refused_with_the_syntax(hub_repo, bad):
+    with pytest.raises(DataError, match=r"data\.eval_split=.*(not a split slice|selects no rows)"):
+        load_split(cfg_for(hub_repo, split="train[:5]", eval_split=bad))
+
+
+def test_single_saved_dataset_holds_out_a_slice_of_itself(tmp_path):
+    path = tmp_path / "single"
+    make_hf_dataset(12).save_to_disk(str(path))
+    cfg = cfg_for(path, split="train[:9]", eval_split="train[9:]")
+    assert (len(load_split(cfg)), len(load_split(cfg, cfg.eval_split))) == (9, 3)
+    with pytest.raises(DataError, match=r"shares 3 rows"):
+        load_split(cfg_for(path, eval_split="train[9:]"))

@@ -109,3 +109,39 @@ def test_cuda_ops_equal_the_cpu_ops():
     torch.testing.assert_close(blurred, P.gaussian_blur(x, sigma, 13), atol=1e-5, rtol=0)
     out = P.photometric_for("aug_plus", 224)(x.cuda(), torch.Generator("cuda").manual_seed(0))
     assert out.is_cuda and out.shape == x.shape
+
+
+def test_color_jitter_option_reaches_both_pipelines():
+    from torchvision import transforms as T
+
+    from pcl_scale.config import DataConfig
+    from pcl_scale.data import train_transform
+
+    cfg = DataConfig(aug="aug_plus", image_size=12, color_jitter=[0.3, 0.2, 0.0, 0.0])
+    pil = [op for op in train_transform(cfg).transform.transforms if isinstance(op, T.RandomApply)]
+    jitter = pil[0].transforms[0]
+    assert isinstance(jitter, T.ColorJitter)
+    assert jitter.brightness == (0.7, 1.3) and jitter.contrast == (0.8, 1.2)
+    assert jitter.saturation is None and jitter.hue is None
+    assert P.photometric_for("aug_plus", 12, cfg.color_jitter).jitter == (0.3, 0.2, 0.0, 0.0)
+    assert P.photometric_for("aug_plus", 12).jitter == (0.4, 0.4, 0.4, 0.1)  # the reference's
+    assert P.photometric_for("aug", 12).jitter == (0.4, 0.4, 0.4, 0.4)
+
+
+def test_saturation_and_hue_leave_gray_images_unchanged():
+    """Why a gray-image recipe can drop them: on three equal channels they are the identity."""
+    gray = images().mean(dim=1, keepdim=True).expand(-1, 3, -1, -1).contiguous()
+    only_colour = P.Photometric((0.0, 0.0, 0.4, 0.4), 1.0, 0.0, False)
+    out = only_colour(gray, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, gray, atol=1e-4, rtol=0)  # luma weights sum to 0.9999
+    coloured = images()
+    assert not torch.allclose(only_colour(coloured, torch.Generator().manual_seed(0)), coloured)
+
+
+@pytest.mark.parametrize("bad", ["[0.4,0.4]", "[0.4,0.4,0.4,0.6]", "[-0.1,0,0,0]"])
+def test_a_bad_color_jitter_is_refused(bad):
+    from pcl_scale.config import ConfigError, load_config
+    from pcl_scale.validation import validate
+
+    with pytest.raises(ConfigError, match=r"data\.color_jitter=.*needs 4 values"):
+        validate(load_config(None, [f"data.color_jitter={bad}"]))

@@ -11,6 +11,7 @@ pipeline's, not the same pixels.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,10 +166,20 @@ class Photometric:
         return torch.where(chosen.view(-1, 1, 1, 1), gaussian_blur(x, sigma, max(size, 1)), x)
 
 
-def photometric_for(aug: str, image_size: int) -> Photometric:
+def jitter_of(aug: str, color_jitter: Sequence[float] = ()) -> tuple[float, float, float, float]:
+    """Brightness, contrast, saturation and hue of the colour jitter: ``color_jitter`` when given,
+    else the aug's own (hue 0.4 for ``aug``, 0.1 for ``aug_plus``)."""
+    if color_jitter:
+        b, c, s, h = (float(v) for v in color_jitter)
+        return b, c, s, h
+    return (0.4, 0.4, 0.4, 0.1) if aug == "aug_plus" else (0.4, 0.4, 0.4, 0.4)
+
+
+def photometric_for(aug: str, image_size: int, color_jitter: Sequence[float] = ()) -> Photometric:
     """The photometric half of ``aug`` / ``aug_plus`` at ``image_size`` (blur scaled as the PIL
     pipeline's: sigma ~ U[0.1, 2.0] px at 224 px)."""
+    jitter = jitter_of(aug, color_jitter)
     if aug == "aug_plus":
         scale = image_size / 224.0
-        return Photometric((0.4, 0.4, 0.4, 0.1), 0.8, 0.2, False, 0.5, (0.1 * scale, 2.0 * scale))
-    return Photometric((0.4, 0.4, 0.4, 0.4), 1.0, 0.2, True)
+        return Photometric(jitter, 0.8, 0.2, False, 0.5, (0.1 * scale, 2.0 * scale))
+    return Photometric(jitter, 1.0, 0.2, True)
