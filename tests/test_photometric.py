@@ -118,7 +118,9 @@ def test_color_jitter_option_reaches_both_pipelines():
     from pcl_scale.data import train_transform
 
     cfg = DataConfig(aug="aug_plus", image_size=12, color_jitter=[0.3, 0.2, 0.0, 0.0])
-    pil = [op for op in train_transform(cfg).transform.transforms if isinstance(op, T.RandomApply)]
+    view = train_transform(cfg).transform
+    assert isinstance(view, T.Compose)
+    pil = [op for op in view.transforms if isinstance(op, T.RandomApply)]
     jitter = pil[0].transforms[0]
     assert isinstance(jitter, T.ColorJitter)
     assert jitter.brightness == (0.7, 1.3) and jitter.contrast == (0.8, 1.2)
