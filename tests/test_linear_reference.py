@@ -29,8 +29,14 @@ class Blobs(Dataset):
 
 
 def encoder() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 8))
+    """The same encoder on every rank, from a local generator: ranks are threads here, and the
+    global RNG is shared between them, so seeding it would race."""
+    linear = torch.nn.Linear(48, 8)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) / 48**0.5)
+        linear.bias.copy_(torch.randn(linear.bias.shape, generator=g) * 0.1)
+    return torch.nn.Sequential(torch.nn.Flatten(), linear)
 
 
 def train_on(comm: Comm, fcs: list[torch.nn.Module]) -> dict[str, object]:
