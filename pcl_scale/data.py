@@ -13,6 +13,7 @@ the ones the source names: a missing split is an error, never another split's im
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import random
 import reprlib
@@ -204,8 +205,10 @@ def _pick_split(loaded: Any, split: str, cfg: DataConfig) -> Any:
     (``train[50000:]``, ``train[:90%]``); never another split's images in its place."""
     name, _ = split_slice(split)
     whole = _whole_split(loaded, name, split, cfg)
-    rows = slice_rows(split, len(whole), cfg)
-    return whole if rows is None else whole.select(rows)
+    ranges = slice_ranges(split, len(whole), cfg)
+    if ranges is None:
+        return whole
+    return whole.select(ranges[0] if len(ranges) == 1 else itertools.chain(*ranges))
 
 
 def split_slice(split: str) -> tuple[str, str]:
@@ -214,49 +217,88 @@ def split_slice(split: str) -> tuple[str, str]:
     return name, bracket + rest
 
 
-def slice_rows(split: str, size: int, cfg: DataConfig) -> np.ndarray | None:
-    """Row indices of ``split`` in its split of ``size`` rows (None: every row), parsed as
-    ``datasets`` parses split slices, so a slice means here what it means to ``load_dataset``."""
+def slice_ranges(split: str, size: int, cfg: DataConfig) -> list[range] | None:
+    """The row ranges ``split`` names in its split of ``size`` rows (None: every row), parsed as
+    ``datasets`` parses split slices, so a slice means here what it means to ``load_dataset``.
+    Ranges, not row arrays: a slice of a 100M-row split costs nothing on any rank."""
     from datasets.arrow_reader import ReadInstruction
 
     name, part = split_slice(split)
     if not part:
         return None
-    option = "data.eval_split" if split == cfg.eval_split else "data.split"
+    option = _option_of(split, cfg)
     try:
-        ranges = ReadInstruction.from_spec(split).to_absolute({name: size})
+        absolute = ReadInstruction.from_spec(split).to_absolute({name: size})
     except (ValueError, AssertionError) as err:
         raise DataError(
             f"{option}={split!r} is not a split slice: write a split name, optionally with "
             f"rows as in load_dataset, e.g. 'train[50000:]' or 'train[:90%]' ({err})"
         ) from None
-    rows = np.concatenate([np.arange(r.from_, r.to) for r in ranges])
-    if len(rows) == 0:
+    ranges = [range(r.from_, r.to) for r in absolute if r.to > r.from_]
+    if not ranges:
         raise DataError(f"{option}={split!r} selects no rows of the {size} in split {name!r}")
-    return rows
+    return ranges
+
+
+def _option_of(split: str, cfg: DataConfig) -> str:
+    """The option that names ``split``, for error messages."""
+    return "data.eval_split" if split == cfg.eval_split else "data.split"
+
+
+def _first_rows(ranges: list[range], count: int) -> list[range]:
+    """The first ``count`` rows of ``ranges``, as ranges (``data.max_samples``)."""
+    kept = []
+    for r in ranges:
+        if count <= 0:
+            break
+        kept.append(r[:count])
+        count -= len(kept[-1])
+    return kept
+
+
+def _overlap(a: list[range], b: list[range]) -> tuple[int, int | None]:
+    """How many rows two lists of ranges share, and the first shared row (None: none)."""
+    shared, first = 0, None
+    for x in _disjoint(a):
+        for y in _disjoint(b):
+            lo, hi = max(x.start, y.start), min(x.stop, y.stop)
+            if hi > lo:
+                shared += hi - lo
+                first = lo if first is None else min(first, lo)
+    return shared, first
+
+
+def _disjoint(ranges: list[range]) -> list[range]:
+    """The same rows as sorted, non-overlapping ranges (a slice may name a row twice)."""
+    merged: list[range] = []
+    for r in sorted((r for r in ranges if len(r)), key=lambda r: r.start):
+        if merged and r.start <= merged[-1].stop:
+            merged[-1] = range(merged[-1].start, max(merged[-1].stop, r.stop))
+        else:
+            merged.append(r)
+    return merged
 
 
 def _check_held_out(loaded: Any, cfg: DataConfig) -> None:
     """``data.eval_split`` exists and, when it slices the training split, shares no row with the
     rows trained on (``data.split``, then ``data.max_samples``): a held-out score never scores
     training images."""
-    eval_ds = _pick_split(loaded, cfg.eval_split, cfg)
+    _pick_split(loaded, cfg.eval_split, cfg)  # exists, and a valid slice
     train_name, eval_name = split_slice(cfg.split)[0], split_slice(cfg.eval_split)[0]
     if train_name != eval_name:
         return
     size = len(_whole_split(loaded, train_name, cfg.split, cfg))
-    trained = slice_rows(cfg.split, size, cfg)
-    trained = np.arange(size) if trained is None else trained
-    scored = slice_rows(cfg.eval_split, size, cfg)
-    scored = np.arange(size) if scored is None else scored
+    trained = slice_ranges(cfg.split, size, cfg) or [range(size)]
+    scored = slice_ranges(cfg.eval_split, size, cfg) or [range(size)]
     if cfg.max_samples:
-        trained, scored = trained[: cfg.max_samples], scored[: cfg.max_samples]
-    shared = np.intersect1d(trained, scored)
-    if len(shared) and len(eval_ds):
+        trained = _first_rows(trained, cfg.max_samples)
+        scored = _first_rows(scored, cfg.max_samples)
+    shared, first = _overlap(trained, scored)
+    if shared:
         raise DataError(
-            f"data.eval_split={cfg.eval_split!r} shares {len(shared)} rows of split "
+            f"data.eval_split={cfg.eval_split!r} shares {shared} rows of split "
             f"{train_name!r} with the rows trained on (data.split={cfg.split!r}, "
-            f"data.max_samples={cfg.max_samples}), first row {shared[0]}: a held-out score "
+            f"data.max_samples={cfg.max_samples}), first row {first}: a held-out score "
             f"would score training images. Slice both so they do not meet, e.g. "
             f"data.split='train[:90%]' data.eval_split='train[90%:]'"
         )
@@ -266,7 +308,7 @@ def _whole_split(loaded: Any, name: str, asked: str, cfg: DataConfig) -> Any:
     """The whole split ``name`` (``asked``, the option's value, may slice it)."""
     import datasets
 
-    option = "data.eval_split" if asked == cfg.eval_split else "data.split"
+    option = _option_of(asked, cfg)
     if not isinstance(loaded, datasets.DatasetDict):  # a Dataset saved on its own: no splits
         if cfg.eval_split and not split_slice(cfg.eval_split)[1]:
             raise DataError(

@@ -4,12 +4,13 @@ Each test writes its own small parquet files (8x8 PIL images in a ``datasets.Dat
 train and test splits have different sizes, so a merged or swapped split shows in the row count.
 """
 
+import random
 from pathlib import Path
 
 import pytest
 
 from pcl_scale.config import ConfigError, DataConfig, load_config
-from pcl_scale.data import labels_of, load_split
+from pcl_scale.data import _first_rows, _overlap, labels_of, load_split
 from pcl_scale.errors import DataError
 from pcl_scale.validation import validate
 
@@ -159,8 +160,10 @@ def pixels(ds) -> list[bytes]:
 
 
 @pytest.mark.parametrize(
-    ("train", "held_out"), [("train[:24]", "train[24:]"), ("train[:80%]", "train[-20%:]")]
-)
+    ("train", "held_out"),
+    [("train[:24]", "train[24:]"), ("train[:80%]", "train[-20%:]"),
+     ("train[:10]+train[20:]", "train[10:20]")],
+)  # fmt: skip
 def test_split_slices_select_the_rows_load_dataset_selects(hub_repo, train, held_out):
     """A validation part of the training split: the same rows as ``load_dataset(split=...)``."""
     import datasets
@@ -181,6 +184,24 @@ def test_held_out_rows_that_were_trained_on_are_refused(hub_repo):
     assert len(load_split(cfg_for(hub_repo, max_samples=20, eval_split="train[20:]"))) == 20
     with pytest.raises(DataError, match=r"shares 1 rows"):
         load_split(cfg_for(hub_repo, max_samples=20, eval_split="train[19:]"))
+    with pytest.raises(DataError, match=r"shares 10 rows.*first row 5"):
+        load_split(cfg_for(hub_repo, split="train[:10]+train[20:]", eval_split="train[5:25]"))
+
+
+def test_shared_rows_of_slices_match_the_row_sets():
+    """Slices are compared as ranges (no row arrays at 100M rows); a slow set reference."""
+    rng = random.Random(0)
+    for _ in range(200):
+
+        def ranges() -> list[range]:
+            starts = sorted(rng.sample(range(60), 4))
+            return [range(a, a + rng.randint(0, 8)) for a in starts]
+
+        a, b, cap = ranges(), ranges(), rng.randint(1, 30)
+        rows_a = [i for r in a for i in r][:cap]
+        assert [i for r in _first_rows(a, cap) for i in r] == rows_a
+        shared = set(rows_a) & {i for r in b for i in r}
+        assert _overlap(_first_rows(a, cap), b) == (len(shared), min(shared, default=None))
 
 
 @pytest.mark.parametrize("bad", ["train[x]", "train[3:1]", "train[:10]+test[:2]"])
