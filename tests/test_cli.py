@@ -19,6 +19,7 @@ PACKAGED = (
     "imagenet_vit_small",
     "mnist",
     "mnist_10k",
+    "small_images",
 )
 
 

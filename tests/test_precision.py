@@ -124,8 +124,8 @@ def test_deepspeed_follows_the_launcher_precision_too(tmp_path, monkeypatch):
 
 
 def test_shipped_cpu_recipes_follow_the_launcher(monkeypatch):
-    """digits and mnist_10k leave precision to the launcher: fp32 on their own, bf16 on gpu_1."""
-    for name in ("digits", "mnist_10k"):
+    """The CPU recipes leave precision to the launcher: fp32 on their own, bf16 on gpu_1."""
+    for name in ("digits", "mnist_10k", "small_images"):
         cfg = load_config(name)
         monkeypatch.delenv(LAUNCHER, raising=False)
         assert resolve_precision(cfg).value == "no"
