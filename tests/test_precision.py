@@ -4,17 +4,22 @@
 every process as ``ACCELERATE_MIXED_PRECISION``; these tests set that variable as it would.
 """
 
+import json
+
 import pytest
 import torch
 
 from pcl_scale.cli import main
 from pcl_scale.config import ConfigError, load_config
+from pcl_scale.engine.loop import train
 from pcl_scale.engine.runtime import (
     autocast_context,
     check_deepspeed_config,
     make_accelerator,
     resolve_precision,
 )
+
+from .conftest import tiny_overrides
 
 LAUNCHER = "ACCELERATE_MIXED_PRECISION"
 
@@ -131,3 +136,14 @@ def test_shipped_cpu_recipes_follow_the_launcher(monkeypatch):
         assert resolve_precision(cfg).value == "no"
         monkeypatch.setenv(LAUNCHER, "bf16")
         assert resolve_precision(cfg).value == "bf16"
+
+
+def test_the_run_record_names_the_precision_that_ran(tiny_dataset_dir, tmp_path, monkeypatch):
+    """config.yaml keeps what was asked ('auto'); metrics.jsonl says what ran and why."""
+    monkeypatch.delenv(LAUNCHER, raising=False)
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_dataset_dir, out, **{"optim.epochs": 1})
+    train(load_config(None, [*overrides, "run.mixed_precision=auto"]))
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (chosen,) = [e for e in events if e.get("event") == "precision"]
+    assert chosen["precision"] == "no" and "no launcher precision" in chosen["reason"]

@@ -49,6 +49,7 @@ from pcl_scale.engine.runtime import (
     distributed_kind,
     make_accelerator,
     model_state,
+    resolve_precision,
     set_deepspeed_batch,
     shutdown,
     speed_up,
@@ -188,6 +189,9 @@ def setup(cfg: Config, accelerator: Any, stop: StopRequest) -> Run:
         extract_options(cfg, accelerator, comm, stop, to_input), state, clusters, resumed,
         to_input,
     )  # fmt: skip
+    precision = resolve_precision(cfg)  # the run's record says what ran, not only "auto"
+    run.logger.log({"event": "precision", "precision": precision.value,
+                    "reason": precision.reason}, state.global_step)  # fmt: skip
     if not resumed and cfg.pcl.queue_init == "keys":
         initial_queue(run)
     return run
