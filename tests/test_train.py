@@ -97,8 +97,8 @@ def test_checkpoints_are_complete_and_pruned(tmp_path, tiny_dataset_dir):
     saved, final = clusters.clusterings[1], result.clusters.clusterings[1]
     assert torch.equal(saved.assignments, final.assignments)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["event"] == "queue_fill"
-    assert {"loss", "loss_inst", "acc_inst", "lr", "queue_mean_cos"} <= set(records[1])
+    assert [r["event"] for r in records[:2]] == ["precision", "queue_fill"]
+    assert {"loss", "loss_inst", "acc_inst", "lr", "queue_mean_cos"} <= set(records[2])
     assert (out / "config.yaml").is_file()
 
 
