@@ -258,9 +258,9 @@ def _first_rows(ranges: list[range], count: int) -> list[range]:
 
 def _overlap(a: list[range], b: list[range]) -> tuple[int, int | None]:
     """How many rows two lists of ranges share, and the first shared row (None: none)."""
-    shared, first = 0, None
+    shared, first, b = 0, None, _disjoint(b)
     for x in _disjoint(a):
-        for y in _disjoint(b):
+        for y in b:
             lo, hi = max(x.start, y.start), min(x.stop, y.stop)
             if hi > lo:
                 shared += hi - lo
@@ -283,13 +283,12 @@ def _check_held_out(loaded: Any, cfg: DataConfig) -> None:
     """``data.eval_split`` exists and, when it slices the training split, shares no row with the
     rows trained on (``data.split``, then ``data.max_samples``): a held-out score never scores
     training images."""
-    _pick_split(loaded, cfg.eval_split, cfg)  # exists, and a valid slice
     train_name, eval_name = split_slice(cfg.split)[0], split_slice(cfg.eval_split)[0]
+    size = len(_whole_split(loaded, eval_name, cfg.eval_split, cfg))  # exists
+    scored = slice_ranges(cfg.eval_split, size, cfg) or [range(size)]  # a valid slice
     if train_name != eval_name:
         return
-    size = len(_whole_split(loaded, train_name, cfg.split, cfg))
     trained = slice_ranges(cfg.split, size, cfg) or [range(size)]
-    scored = slice_ranges(cfg.eval_split, size, cfg) or [range(size)]
     if cfg.max_samples:
         trained = _first_rows(trained, cfg.max_samples)
         scored = _first_rows(scored, cfg.max_samples)
