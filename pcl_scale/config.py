@@ -172,6 +172,13 @@ class PCLConfig:
     )
     warmup_epochs: int = field(default=20, metadata=_help("epochs of InfoNCE only, no E-step"))
     momentum: float = field(default=0.999, metadata=_help("EMA momentum of the key encoder"))
+    concentration: str = field(
+        default="estimated",
+        metadata=_help(
+            "'estimated': each prototype's phi from its cluster's spread, as the reference; "
+            "'fixed': every phi = temperature (an ablation of phi)"
+        ),
+    )
     queue_init: str = field(
         default="keys",
         metadata=_help(

@@ -28,6 +28,7 @@ _CHOICES = {
     ("data", "photometric"): ("workers", "device"),
     ("model", "head"): ("linear", "mlp"),
     ("pcl", "queue_init"): ("keys", "random"),
+    ("pcl", "concentration"): ("estimated", "fixed"),
     ("estep", "backend"): ("auto", "torch", "faiss"),
     ("estep", "mode"): ("auto", "gather", "sharded"),
     ("estep", "init"): ("random", "kmeans++"),

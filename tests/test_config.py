@@ -61,6 +61,7 @@ def test_help_lists_every_option_with_default(capsys):
         ),
         (["model.backbone=resnet99"], 1, "model.backbone='resnet99' is unknown"),
         (["optim.schedule=linear"], 1, "optim.schedule='linear' is not one of"),
+        (["pcl.concentration=uniform"], 1, "pcl.concentration='uniform' is not one of"),
         (["pcl.momentum=2"], 1, r"pcl.momentum=2.0 must be in \[0, 1\]"),
         (["data.rotate_degrees=120"], 1, r"data.rotate_degrees=120.0 must be in \[0, 90\)"),
     ],

@@ -217,6 +217,24 @@ def test_estep_on_duplicated_data_gives_finite_phi_and_loss():
         assert torch.isfinite(out.loss), mode
 
 
+def test_fixed_concentration_sets_every_phi_to_the_temperature_and_keeps_the_clusters():
+    """The phi ablation changes phi only: same prototypes and assignments as the estimate."""
+    from pcl_scale.distributed.estep import estep
+
+    opts = ExtractOptions(batch_size=64, num_workers=0, device=torch.device("cpu"))
+    for mode in ("gather", "sharded"):
+        estimated = ClusteringPlan((9, 5), 0.3, KMEANS, mode)
+        fixed = ClusteringPlan((9, 5), 0.3, KMEANS, mode, fixed_concentration=True)
+        a = estep(lambda x: x.flatten(1), _Points(200), Comm(), opts, estimated)
+        b = estep(lambda x: x.flatten(1), _Points(200), Comm(), opts, fixed)
+        for ca, cb in zip(a.clusters.clusterings, b.clusters.clusterings, strict=True):
+            assert float(ca.phi.std()) > 0, mode  # the estimate differs between clusters
+            assert torch.equal(cb.phi, torch.full_like(ca.phi, 0.3)), mode
+            assert torch.equal(ca.prototypes, cb.prototypes), mode
+            assert torch.equal(ca.assignments, cb.assignments), mode
+        assert b.record["k0_phi_min"] == pytest.approx(0.3), mode
+
+
 @pytest.mark.parametrize("n, world", [(10, 3), (9, 3), (5, 4), (7, 1), (8, 2)])
 def test_all_gather_by_index_places_every_strided_shard(n, world):
     from pcl_scale.distributed.extract import all_gather_by_index

@@ -46,6 +46,7 @@ class ClusteringPlan:
     temperature: float
     kmeans: KMeansOptions = KMeansOptions()  # noqa: RUF009 (frozen)
     mode: str = "gather"  # "gather" or "sharded" (resolved by :func:`choose_mode`)
+    fixed_concentration: bool = False  # every phi = temperature: ablates phi, keeps the rest
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,21 @@ def estep(
     """:func:`run_estep`, timed, with the cluster statistics the run log records."""
     start = time.perf_counter()
     clusters = run_estep(embed, dataset, comm, opts, plan)
+    if plan.fixed_concentration:
+        clusters = with_constant_phi(clusters, plan.temperature)
     record: dict[str, Any] = {"mode": plan.mode, "seconds": time.perf_counter() - start}
     record.update(cluster_statistics(clusters))
     return EStepReport(clusters, record)
+
+
+def with_constant_phi(clusters: ClusterResult, temperature: float) -> ClusterResult:
+    """Every prototype's phi set to ``temperature``: ProtoNCE then scales all prototypes alike."""
+    return ClusterResult(
+        tuple(
+            dataclasses.replace(c, phi=torch.full_like(c.phi, temperature))
+            for c in clusters.clusterings
+        )
+    )
 
 
 def cluster_statistics(clusters: ClusterResult) -> dict[str, Any]:

@@ -361,7 +361,10 @@ def clustering_plan(run: Run) -> tuple[ClusteringPlan, dict[str, str]]:
         init=e.init,  # type: ignore[arg-type]
         faiss_gpus=tuple(e.faiss_gpus),
     )
-    plan = ClusteringPlan(tuple(run.cfg.pcl.num_clusters), run.cfg.pcl.temperature, kmeans, mode)
+    pcl = run.cfg.pcl
+    plan = ClusteringPlan(
+        tuple(pcl.num_clusters), pcl.temperature, kmeans, mode, pcl.concentration == "fixed"
+    )
     return plan, {"backend": backend, "backend_reason": backend_reason, "mode_reason": mode_reason}
 
 
