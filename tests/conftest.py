@@ -14,6 +14,23 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 ROOT = Path(__file__).resolve().parent.parent
+TMP_GIB_NEEDED = 2.0  # checkpoints of the running tests; passing tests' are deleted as they end
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop with one clear line, not a hundred tmp_path errors, when the temp disk is full."""
+    import shutil
+    import tempfile
+
+    base = session.config.option.basetemp
+    where = Path(base).resolve().parent if base else Path(tempfile.gettempdir())
+    free_gib = shutil.disk_usage(where).free / 2**30
+    if free_gib < TMP_GIB_NEEDED:
+        pytest.exit(
+            f"the tests need about {TMP_GIB_NEEDED:g} GiB free in {where} and it has "
+            f"{free_gib:.1f} GiB: free space there, or point TMPDIR (or --basetemp) elsewhere",
+            returncode=1,
+        )
 
 
 def make_images(n: int, size: int = 8, classes: int = 4, seed: int = 0, mode: str = "RGB"):
