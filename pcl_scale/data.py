@@ -258,9 +258,10 @@ def _first_rows(ranges: list[range], count: int) -> list[range]:
 
 def _overlap(a: list[range], b: list[range]) -> tuple[int, int | None]:
     """How many rows two lists of ranges share, and the first shared row (None: none)."""
-    shared, first, b = 0, None, _disjoint(b)
+    shared, first = 0, None
+    others = _disjoint(b)  # merged once, not once per range of a
     for x in _disjoint(a):
-        for y in b:
+        for y in others:
             lo, hi = max(x.start, y.start), min(x.stop, y.stop)
             if hi > lo:
                 shared += hi - lo
